@@ -1,0 +1,204 @@
+"""The `lorakit` command: each sub-command parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import LorakitError
+
+
+class Group(click.Group):
+    """Prints a LorakitError as one line and exits 1; --debug shows the traceback instead."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LorakitError as exc:
+            if ctx.meta.get("lorakit.debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
+@click.version_option(package_name="lorakit")
+@click.pass_context
+def main(ctx, debug):
+    """Fine-tune Qwen2 with LoRA: continued pre-training on raw text, then chat SFT."""
+    ctx.meta["lorakit.debug"] = debug
+    if not debug:
+        import logging
+        import warnings
+
+        import transformers
+
+        # bitsandbytes (imported by peft) warns on every start about an optional CPU kernel package,
+        # and the libraries' deprecation notices are not for our users to act on.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _recipe(path, overrides):
+    from .recipe import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def train(recipe, overrides):
+    """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
+    from .train import run
+
+    out = run(_recipe(recipe, overrides))
+    click.echo(f"adapter written to {out}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def validate(recipe, overrides):
+    """Check a RECIPE (keys, types, values) without loading a model."""
+    r = _recipe(recipe, overrides)
+    click.echo(f"{recipe}: ok ({r.stage}, {r.method}, model {r.model or 'from parent ' + str(r.parent)}, "
+               f"output {r.output_dir})")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("-n", "--examples", default=2, show_default=True, help="How many examples to show.")
+def preview(recipe, overrides, examples):
+    """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
+    from .data.prepare import prepare
+    from .data.preview import counts, spans
+    from .modeling import load_tokenizer
+
+    r = _recipe(recipe, overrides)
+    tokenizer = load_tokenizer(r.model or _base(r.parent))
+    data = prepare(r, tokenizer)
+    for example in data.examples[:examples]:
+        click.echo(click.style(f"--- {example.where}", bold=True))
+        click.echo("".join(click.style(f"[[{t}]]", fg="green") if trained else t
+                           for t, trained in spans(example, tokenizer)))
+    trained, masked = counts(data.examples)
+    click.echo(f"{len(data.examples)} examples: {trained:,} trained tokens, {masked:,} masked tokens")
+    for note in data.notes:
+        click.echo(note)
+
+
+def _base(parent):
+    from .adapters import base_of
+
+    return base_of(parent)
+
+
+@main.group()
+def data():
+    """Prepare data files."""
+
+
+@data.command("text")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+def data_text(folder, output):
+    """Turn a FOLDER of .txt files (one document each) into a JSON list of {"text": ...} records."""
+    from .data.text import save_documents_json
+
+    count = save_documents_json(folder, output)
+    click.echo(f"{count} documents written to {output}")
+
+
+def inference_options(func):
+    @click.option("--model", help="Base model: hub id or folder (default: the adapter's base).")
+    @click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder to apply.")
+    @click.option("--greedy", is_flag=True, help="Always take the most likely token (reproducible).")
+    @click.option("--temperature", default=0.8, show_default=True)
+    @click.option("--top-k", default=40, show_default=True)
+    @click.option("--top-p", default=0.95, show_default=True)
+    @click.option("--max-new-tokens", default=128, show_default=True)
+    @click.option("--seed", type=int, help="Seed for sampling.")
+    @click.option("--force", is_flag=True, help="Apply the adapter even to a base it was not trained on.")
+    @functools.wraps(func)
+    def wrapper(model, adapter, greedy, temperature, top_k, top_p, max_new_tokens, seed, force, **kwargs):
+        from .adapters import load_for_inference
+        from .generate import Sampling
+        from .modeling import resolve_device, resolve_dtype
+
+        device = resolve_device()
+        lm, tokenizer, manifest = load_for_inference(model, adapter, device, resolve_dtype("auto", device), force)
+        sampling = Sampling(temperature, top_k, top_p, max_new_tokens, greedy, seed)
+        return func(lm=lm, tokenizer=tokenizer, manifest=manifest, sampling=sampling, **kwargs)
+    return wrapper
+
+
+@main.command()
+@click.argument("prompt")
+@inference_options
+def generate(prompt, lm, tokenizer, manifest, sampling):
+    """Continue PROMPT as raw text."""
+    from .generate import generate_text
+
+    click.echo(prompt + generate_text(lm, tokenizer, prompt, sampling))
+
+
+@main.command()
+@click.option("--prompt", help="Answer this one message and exit (interactive otherwise).")
+@click.option("--system", help="System prompt (default: the one the adapter was trained with).")
+@inference_options
+def chat(prompt, system, lm, tokenizer, manifest, sampling):
+    """Chat with a model and adapter; one-shot with --prompt."""
+    from .data.chat import template_system_prompt
+    from .generate import chat_reply
+
+    if system is None:
+        system = manifest["system_prompt"] if manifest and manifest.get("system_prompt") is not None \
+            else template_system_prompt(tokenizer)
+    if prompt is not None:
+        click.echo(chat_reply(lm, tokenizer, [{"role": "user", "content": prompt}], system, sampling))
+        return
+    history: list[dict] = []
+    click.echo("chat: an empty line or Ctrl-D ends the session, /reset forgets the conversation")
+    while True:
+        line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        if not line.strip():
+            return
+        if line.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = chat_reply(lm, tokenizer, history, system, sampling)
+        history.append({"role": "assistant", "content": reply})
+        click.echo(f"assistant> {reply}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder to apply.")
+def inspect(model, adapter):
+    """Print MODEL's parameter tensors, totals, and (with --adapter) the trainable share."""
+    from .adapters import load_for_inference
+    from .params import format_table, parameter_table
+
+    import torch
+
+    lm, _, _ = load_for_inference(model, adapter, "cpu", torch.float32)
+    click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
+
+
+@main.command()
+@click.option("--workdir", default=".lorakit/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the tiny model is built.")
+def demo(workdir):
+    """Offline demo: build a tiny Qwen2, run CPT then SFT on the bundled data, compare answers."""
+    from .demo import run_demo
+
+    run_demo(workdir, echo=click.echo)

@@ -1,0 +1,162 @@
+"""Chat SFT data: records (messages, ShareGPT, Alpaca) -> checked messages -> template -> masked labels.
+
+Labels cover each assistant turn's content and its closing end-of-turn token (`<|im_end|>` for
+ChatML); system and user turns, and the `<|im_start|>assistant\\n` header, are masked. The spans come
+from the model's own chat template: the text rendered up to the generation prompt before a turn is
+where the turn starts, and the template's end-of-turn token closes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import LorakitError
+from .blocks import IGNORE, Example
+from .files import RECORD_SUFFIXES, Record, data_files, read_records
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
+                  "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+
+
+def load_conversations(path: str | Path) -> tuple[list[tuple[str, list[dict]]], list[Path]]:
+    """(where, messages) for every record under `path`, each checked."""
+    files = data_files(path, RECORD_SUFFIXES)
+    conversations = [(r.where, to_messages(r)) for f in files for r in read_records(f)]
+    if not conversations:
+        raise LorakitError(f"{path}: no conversations found")
+    return conversations, files
+
+
+def to_messages(record: Record) -> list[dict]:
+    """Detect the record's format and return checked messages."""
+    value, where = record.value, record.where
+    if not isinstance(value, dict):
+        raise LorakitError(f"{where}: expected an object with `messages`, got {type(value).__name__}")
+    if "messages" in value:
+        messages = value["messages"]
+        field = "messages"
+    elif "conversations" in value:
+        messages = _from_sharegpt(value["conversations"], where)
+        field = "conversations"
+    elif "instruction" in value or "output" in value:
+        messages = _from_alpaca(value, where)
+        field = "output"
+    else:
+        raise LorakitError(f"{where}: no `messages` field (nor ShareGPT `conversations` or Alpaca "
+                           f"`instruction`/`output`)")
+    return _checked(messages, where, field)
+
+
+def _from_sharegpt(turns: Any, where: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise LorakitError(f"{where}: field `conversations` must be a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise LorakitError(f"{where}: conversations[{i}] has no `from` field")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise LorakitError(f"{where}: conversations[{i}].from is {turn['from']!r}; "
+                               f"expected one of {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
+
+
+def _from_alpaca(value: dict, where: str) -> list[dict]:
+    for key in ("instruction", "output"):
+        if not isinstance(value.get(key), str):
+            raise LorakitError(f"{where}: Alpaca field `{key}` must be a string")
+    prompt = value["instruction"]
+    if isinstance(value.get("input"), str) and value["input"].strip():
+        prompt += "\n\n" + value["input"]
+    messages = [{"role": "system", "content": value["system"]}] if isinstance(value.get("system"), str) else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": value["output"]}]
+
+
+def _checked(messages: Any, where: str, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LorakitError(f"{where}: field `{field}` must be a non-empty list")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise LorakitError(f"{where}: messages[{i}] must be an object with `role` and `content`")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise LorakitError(f"{where}: messages[{i}].role is {role!r}; expected system, user or assistant")
+        if not isinstance(content, str):
+            raise LorakitError(f"{where}: messages[{i}].content must be a string, got "
+                               f"{type(content).__name__ if content is not None else 'nothing'}")
+        checked.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in checked):
+        raise LorakitError(f"{where}: no assistant turn to train on")
+    return checked
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template inserts by itself (Qwen2: "You are a helpful assistant.")."""
+    probe = [{"role": "user", "content": "PROBE"}]
+    marker = "SYSTEM-MARKER"
+    bare = render_text(tokenizer, probe)
+    head, found, tail = render_text(tokenizer, [{"role": "system", "content": marker}] + probe).partition(marker)
+    if not found or not bare.startswith(head):
+        return None
+    end = bare.find(tail, len(head))
+    return bare[len(head):end] if end >= 0 else None
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Insert the system prompt when the conversation has none, so training and inference agree."""
+    if system_prompt is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def render_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorakitError("the tokenizer has no chat template; SFT needs one (Qwen2's ChatML)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def end_of_turn(tokenizer) -> str:
+    """The token that closes a turn: ChatML's <|im_end|>, else the tokenizer's EOS."""
+    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str) -> Example:
+    """Token ids and labels of one conversation, truncated to max_length."""
+    text = render_text(tokenizer, messages)
+    eot = end_of_turn(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render_text(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        upto = render_text(tokenizer, messages[: i + 1])
+        end = upto.rfind(eot)
+        if not text.startswith(upto) or end < start:
+            raise LorakitError(f"{where}: the chat template does not render assistant turns as "
+                               f"'header, content, {eot}'; lorakit cannot mask its loss")
+        spans.append((start, end + len(eot)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"][:max_length]
+    offsets = encoded["offset_mapping"][:max_length]
+    labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
+    return Example(ids, labels, where)
+
+
+def tokenize_conversations(conversations, tokenizer, max_length: int, system_prompt: str | None):
+    """All conversations as examples, checked: each keeps a trained token, and end-of-turn is trained."""
+    examples = [tokenize_conversation(tokenizer, with_system(m, system_prompt), max_length, where)
+                for where, m in conversations]
+    for example in examples:
+        if all(label == IGNORE for label in example.labels):
+            raise LorakitError(f"{example.where}: no assistant token is left after truncation to "
+                               f"data.max_length={max_length}; raise max_length or shorten the conversation")
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    cut = sum(eot_id not in e.labels for e in examples)
+    if cut == len(examples):
+        raise LorakitError(f"no example trains the end-of-turn token {end_of_turn(tokenizer)}: the model "
+                           f"would never learn to stop; raise data.max_length")
+    return examples, cut

@@ -1,0 +1,60 @@
+"""Continued pre-training data: raw text -> documents -> tokens (each ending in EOS) -> blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LorakitError
+from .blocks import Example
+from .files import RECORD_SUFFIXES, Record, data_files, read_records, read_text
+
+TEXT_SUFFIXES = (".txt",) + RECORD_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Document:
+    where: str
+    text: str
+
+
+def load_documents(path: str | Path) -> tuple[list[Document], list[Path]]:
+    """Documents from a .txt file, a folder of .txt files, or json/jsonl/parquet `{"text": ...}` records."""
+    files = data_files(path, TEXT_SUFFIXES)
+    documents = []
+    for file in files:
+        if file.suffix.lower() == ".txt":
+            documents.append(Document(str(file), read_text(file)))
+        else:
+            documents.extend(_document(record) for record in read_records(file))
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise LorakitError(f"{path}: no non-empty documents found")
+    return documents, files
+
+
+def _document(record: Record) -> Document:
+    if not isinstance(record.value, dict) or "text" not in record.value:
+        raise LorakitError(f"{record.where}: no `text` field (CPT records look like {{\"text\": \"...\"}})")
+    text = record.value["text"]
+    if not isinstance(text, str):
+        raise LorakitError(f"{record.where}: field `text` must be a string, got {type(text).__name__}")
+    return Document(record.where, text)
+
+
+def tokenize_documents(documents: list[Document], tokenizer) -> list[Example]:
+    """Each document's tokens followed by EOS; every token is trained."""
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    return [Example(ids + [eos], ids + [eos], d.where) for ids, d in zip(encoded, documents)]
+
+
+def save_documents_json(folder: str | Path, out: str | Path) -> int:
+    """`lorakit data text`: a folder of .txt files as a JSON list of {"text", "source"} records."""
+    import json
+
+    files = data_files(folder, (".txt",))
+    records = [{"text": read_text(f), "source": str(f.relative_to(folder)) if Path(folder).is_dir() else f.name}
+               for f in files]
+    Path(out).write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return len(records)

@@ -1,0 +1,112 @@
+"""Base model and tokenizer loading, device and dtype choice, LoRA attachment, base fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LorakitError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(setting: str = "auto") -> str:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("train.device is cuda, but no CUDA GPU is visible; use device: auto or cpu")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    """auto: bf16 on a GPU that runs it natively, fp16 on an older GPU, fp32 on a CPU."""
+    if setting != "auto":
+        if setting == "fp16" and device == "cpu":
+            raise LorakitError("fp16 training needs a GPU; use dtype: bf16 or fp32 on a CPU")
+        return DTYPES[setting]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _from_pretrained(loader, name: str, what: str, **kwargs):
+    """Call a transformers loader, turning the usual failures into one line that names `name`."""
+    local = Path(name).expanduser()
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise LorakitError(f"{name}: model folder not found")
+    try:
+        return loader(str(local) if local.exists() else name, **kwargs)
+    except OSError as exc:
+        if local.exists():
+            raise LorakitError(f"{name}: not a {what} folder ({_short(exc)})") from None
+        raise LorakitError(
+            f"{name}: not a local folder, and the model hub could not be reached or has no such model; "
+            f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
+            f"and set `model: DIR`") from None
+    except ValueError as exc:
+        raise LorakitError(f"{name}: cannot load as a {what} ({_short(exc)})") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer",
+                                 trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
+    """A causal LM in `dtype` on `device`, in eval mode (training switches it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "causal language model",
+                             dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def fingerprint(config, tokenizer) -> str:
+    """Identifies a base model by its architecture and vocabulary, not by where it was loaded from,
+    so an adapter can tell a matching base on another machine from a different model."""
+    cfg = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                     "quantization_config", "architectures"):
+        cfg.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def attach_lora(model, settings, seed: int):
+    """Wrap `model` in a fresh trainable LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise LorakitError(f"lora.target {settings.target!r}: {_short(exc)}") from None
+
+
+def apply_adapter(model, folder: str | Path, merge: bool):
+    """Apply a saved LoRA adapter; `merge` folds it into the weights (for a parent under a child)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(folder))
+    return model.merge_and_unload() if merge else model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,84 @@
+"""What a run shows and keeps: one-line messages, the progress bar, metrics.jsonl and loss.png.
+
+The only place below the CLI that writes to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class ProgressCallback(TrainerCallback):
+    """A bar with step, loss, tokens/s and ETA; every log line appended to metrics.jsonl."""
+
+    def __init__(self, metrics_path: Path, collator):
+        self.metrics_path = metrics_path
+        self.collator = collator
+        self.bar = None
+        self.start = 0.0
+        self.history: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        elapsed = time.perf_counter() - self.start
+        tokens = self.collator.tokens_seen
+        entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
+                 "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                 "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+                 "elapsed_s": round(elapsed, 2)}
+        self.history.append(entry)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=entry["tokens_per_s"], refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+    def summary(self) -> dict:
+        """First and final loss, steps, tokens and speed of the run."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        return {"first_loss": self.history[0]["loss"], "final_loss": last["loss"], "steps": last["step"],
+                "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "runtime_s": last["elapsed_s"]}
+
+
+def plot_loss(history: list[dict], out: Path, title: str) -> None:
+    """The loss curve as a PNG beside the adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 60 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

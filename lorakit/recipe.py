@@ -1,0 +1,245 @@
+"""Recipes: the YAML a user writes, checked into frozen dataclasses.
+
+Every default lives here, documented under its field; a recipe lists only what differs. Unknown keys
+are an error naming the closest valid key, and a value of the wrong type names the type expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import LorakitError
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str
+    """A file (.txt, .json, .jsonl, .parquet) or a folder (of .txt files for CPT, or of data files)."""
+    max_length: int = 1024
+    """Tokens per training sequence. CPT documents longer than this are split into blocks, never cut;
+    SFT conversations longer than this are truncated (and checked to keep trained tokens)."""
+    packing: bool = True
+    """Pack several short examples into one sequence (attention never crosses examples) so no
+    compute is spent on padding. Off: one example per row, padded per batch."""
+    system_prompt: str | None = None
+    """SFT only. Inserted when a conversation has no system turn. None: the prompt the model's own
+    chat template would insert (Qwen2: "You are a helpful assistant."); "": an empty system turn."""
+
+    def __post_init__(self):
+        if self.max_length < 8:
+            raise LorakitError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    """Rank of each LoRA update."""
+    alpha: int = 32
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target: str | list[str] = "all-linear"
+    """Modules to adapt: "all-linear" (every linear layer of the blocks, not the output head) or a
+    list of module names such as [q_proj, v_proj]."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise LorakitError(f"lora.r must be a positive integer, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = 3
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for `epochs`."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    batch_size: int = 4
+    """Sequences per device per step."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up from zero."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    seed: int = 42
+    """Seeds weights of new adapters, dropout and data order."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype. auto: bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on a CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train. auto: the GPU when there is one."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third slower."""
+    logging_steps: int = 1
+    """Log loss, learning rate and tokens/s every this many steps."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise LorakitError(f"train.lr must be positive, got {self.lr}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise LorakitError(f"train.epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise LorakitError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LorakitError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stage: Literal["cpt", "sft"]
+    """cpt: raw text, loss on every token. sft: conversations, loss on assistant tokens only."""
+    data: DataSettings
+    model: str | None = None
+    """A hub id (Qwen/Qwen2-0.5B) or a local model folder. May be left out when `parent` is set:
+    the parent adapter's base is used."""
+    method: Literal["lora", "qlora", "full"] = "lora"
+    """lora: train a LoRA adapter. qlora and full: see their own issue."""
+    parent: str | None = None
+    """An adapter folder to build on (e.g. SFT on top of a CPT adapter); it is applied, merged into
+    the base in memory, and recorded in the manifest, and every command loading this adapter applies
+    the parent first."""
+    output: str | None = None
+    """Where the adapter folder goes. Default: adapters/<recipe file name without .yaml>."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    name: str = "recipe"
+    """The recipe's name; defaults to its file name."""
+
+    def __post_init__(self):
+        if self.model is None and self.parent is None:
+            raise LorakitError("the recipe needs `model` (a hub id or a local folder) or `parent`")
+        if self.method != "lora":
+            raise LorakitError(f"method: {self.method} is not available yet; use method: lora")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("adapters") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataSettings, "lora": LoraSettings, "train": TrainSettings}
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, apply `a.b=c` overrides, and check every key and type."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise LorakitError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise LorakitError(f"{path}: a recipe is a mapping of keys to values")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return build(Recipe, raw, "")
+    except LorakitError as exc:
+        raise LorakitError(f"{path}: {exc}") from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise LorakitError(f"override {item!r} is not of the form key.sub=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LorakitError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
+def build(cls, raw: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, naming the full key of anything wrong."""
+    if not isinstance(raw, dict):
+        raise LorakitError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise LorakitError(f"unknown key {prefix}{key}{hint}")
+        section = SECTIONS.get(key) if cls is Recipe else None
+        if section is not None:
+            kwargs[key] = build(section, value, f"{key}.")
+        else:
+            kwargs[key] = _check(value, hints[key], f"{prefix}{key}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise LorakitError(f"missing key {prefix}{missing[0]}")
+    return cls(**kwargs)
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` if it fits type `tp` (a float field also takes "2e-4", which YAML reads as a string)."""
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if _fits(value, tp):
+        return float(value) if tp is float else value
+    raise LorakitError(f"{key} must be {_describe(tp)}, got {value!r}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

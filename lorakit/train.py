@@ -1,0 +1,130 @@
+"""run(recipe): check the output and data, build the model, train with transformers' Trainer, publish."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import adapter_chain, base_of, check_output, publish, read_manifest, staging_folder, write_adapter
+from .data.blocks import Collator
+from .data.prepare import Prepared, prepare
+from .errors import LorakitError
+from .modeling import (apply_adapter, attach_lora, count_parameters, fingerprint, load_model, load_tokenizer,
+                       resolve_device, resolve_dtype)
+from .progress import ProgressCallback, plot_loss, say
+
+
+def run(recipe) -> Path:
+    """Train the recipe's adapter and return its folder."""
+    out = recipe.output_dir
+    check_output(out)
+    model_name = recipe.model or base_of(recipe.parent)
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
+    data = prepare(recipe, tokenizer)
+    _describe_data(recipe, data)
+    if recipe.trust_remote_code:
+        say("trust_remote_code is on: the model's own Python code will run")
+    model = load_model(model_name, dtype, device, recipe.trust_remote_code)
+    base_fingerprint = fingerprint(model.config, tokenizer)
+    model = _apply_parent(model, recipe.parent, base_fingerprint)
+    model = attach_lora(model, recipe.lora, recipe.train.seed)
+    trainable, total = count_parameters(model)
+    say(f"model {model_name} on {device} in {str(dtype).removeprefix('torch.')}: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    staging = staging_folder(out)
+    try:
+        summary = _train(model, tokenizer, data, recipe, staging, device, dtype)
+        manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype)
+        write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=model_name), manifest)
+        return publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _describe_data(recipe, data: Prepared) -> None:
+    s = data.stats
+    say(f"data {recipe.data.path}: {s['examples']} {'documents' if recipe.stage == 'cpt' else 'conversations'}"
+        f" -> {s['rows']} rows of up to {recipe.data.max_length} tokens "
+        f"({'packed' if recipe.data.packing else 'not packed'}), {s['tokens']:,} tokens, "
+        f"{s['trained_tokens']:,} trained")
+    for note in data.notes:
+        say(note)
+    if data.system_prompt is not None:
+        say(f"system prompt for conversations without one: {data.system_prompt!r}")
+
+
+def _apply_parent(model, parent: str | None, base_fingerprint: str):
+    """Fold the parent adapter chain into the base weights, after checking it was trained on this base."""
+    if not parent:
+        return model
+    manifest = read_manifest(parent)
+    if manifest and manifest.get("base_fingerprint") != base_fingerprint:
+        raise LorakitError(f"parent {parent} was trained on {manifest['base_model']}, not on this recipe's model")
+    for folder in adapter_chain(parent):
+        model = apply_adapter(model, folder, merge=True)
+    return model
+
+
+def _train(model, tokenizer, data: Prepared, recipe, staging: Path, device: str, dtype) -> dict:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    t = recipe.train
+    args = TrainingArguments(
+        output_dir=str(staging / "trainer"), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        learning_rate=t.lr, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
+        activation_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps,
+        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_pin_memory=device == "cuda",
+    )
+    collator = Collator(tokenizer.pad_token_id)
+    progress = ProgressCallback(staging / "metrics.jsonl", collator)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data.rows),
+                      data_collator=collator, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
+    trainer.train()
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
+    summary = progress.summary()
+    if progress.history:
+        plot_loss(progress.history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})")
+    say(f"loss {summary.get('first_loss', float('nan')):.4f} -> {summary.get('final_loss', float('nan')):.4f} "
+        f"in {summary.get('steps', 0)} steps, {summary.get('tokens_per_s')} tokens/s")
+    return summary
+
+
+def _manifest(recipe, model_name: str, base_fingerprint: str, data: Prepared, summary: dict, device, dtype) -> dict:
+    import peft
+    import transformers
+
+    local = Path(model_name).expanduser()
+    parent = read_manifest(recipe.parent) if recipe.parent else None
+    return {
+        "lorakit_version": __version__,
+        "name": recipe.output_dir.name,
+        "recipe": recipe.name,
+        "stage": recipe.stage,
+        "method": recipe.method,
+        "base_model": model_name,
+        "base_model_path": str(local.resolve()) if local.exists() else None,
+        "base_fingerprint": base_fingerprint,
+        "parent": {"path": str(Path(recipe.parent).resolve()), "name": parent and parent.get("name"),
+                   "stage": parent and parent.get("stage"), "copied_to": "parent/"} if recipe.parent else None,
+        "system_prompt": data.system_prompt,
+        "data": {"path": recipe.data.path, "hash": data.data_hash, **data.stats},
+        "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target": recipe.lora.target},
+        "metrics": summary,
+        "trained_on": {"device": device, "dtype": str(dtype).removeprefix("torch.")},
+        "versions": {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+    }
