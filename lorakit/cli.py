@@ -67,9 +67,14 @@ def train(recipe, overrides):
 @click.argument("overrides", nargs=-1)
 def validate(recipe, overrides):
     """Check a RECIPE (keys, types, values) without loading a model."""
+    from pathlib import Path
+
     r = _recipe(recipe, overrides)
     click.echo(f"{recipe}: ok ({r.stage}, {r.method}, model {r.model or 'from parent ' + str(r.parent)}, "
                f"output {r.output_dir})")
+    for what, path in (("data.path", r.data.path), ("parent", r.parent)):
+        if path and not Path(path).exists():
+            click.echo(f"note: {what} {path} does not exist yet")
 
 
 @main.command()
@@ -196,7 +201,7 @@ def inspect(model, adapter):
 
 @main.command()
 @click.option("--workdir", default=".lorakit/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the tiny model is built.")
+              help="Where the tiny model is built (the adapters go to adapters/).")
 def demo(workdir):
     """Offline demo: build a tiny Qwen2, run CPT then SFT on the bundled data, compare answers."""
     from .demo import run_demo

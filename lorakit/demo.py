@@ -34,8 +34,10 @@ def run_demo(workdir: str, echo) -> None:
 
     if not RECIPES.is_dir():
         raise LorakitError(f"{RECIPES}: demo recipes not found; run the demo from a lorakit checkout")
-    cpt, sft = load_recipe(RECIPES / "cpt.yaml"), load_recipe(RECIPES / "sft.yaml")
-    model_dir = Path(cpt.model)
+    # The recipes hold paths relative to the repository; the demo pins them so it runs from anywhere.
+    model_dir = Path(workdir) / "tiny-qwen2"
+    cpt = load_recipe(RECIPES / "cpt.yaml", [f"model={model_dir}", f"data.path={RECIPES / 'corpus'}"])
+    sft = load_recipe(RECIPES / "sft.yaml", [f"parent={cpt.output_dir}", f"data.path={RECIPES / 'chat.jsonl'}"])
     echo(f"building a tiny random Qwen2 in {model_dir} (no download)")
     build_tiny_qwen2(model_dir, demo_texts(), instruct=False, hidden=128, layers=2)
     device = resolve_device()

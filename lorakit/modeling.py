@@ -37,6 +37,8 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise LorakitError(f"{name}: model folder not found")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise LorakitError(f"{name}: not a model folder (no config.json)")
     try:
         return loader(str(local) if local.exists() else name, **kwargs)
     except OSError as exc:
@@ -67,6 +69,13 @@ def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bo
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "causal language model",
                              dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
+
+
+def for_training(model):
+    """Switch off the KV cache for training. With a cache, transformers ignores packed position ids
+    and lets packed examples attend to each other (measured: logits off by ~3 on the tiny model)."""
+    model.config.use_cache = False
+    return model
 
 
 def fingerprint(config, tokenizer) -> str:

@@ -14,8 +14,8 @@ from .adapters import adapter_chain, base_of, check_output, publish, read_manife
 from .data.blocks import Collator
 from .data.prepare import Prepared, prepare
 from .errors import LorakitError
-from .modeling import (apply_adapter, attach_lora, count_parameters, fingerprint, load_model, load_tokenizer,
-                       resolve_device, resolve_dtype)
+from .modeling import (apply_adapter, attach_lora, count_parameters, fingerprint, for_training, load_model,
+                       load_tokenizer, resolve_device, resolve_dtype)
 from .progress import ProgressCallback, plot_loss, say
 
 
@@ -34,7 +34,7 @@ def run(recipe) -> Path:
     model = load_model(model_name, dtype, device, recipe.trust_remote_code)
     base_fingerprint = fingerprint(model.config, tokenizer)
     model = _apply_parent(model, recipe.parent, base_fingerprint)
-    model = attach_lora(model, recipe.lora, recipe.train.seed)
+    model = attach_lora(for_training(model), recipe.lora, recipe.train.seed)
     trainable, total = count_parameters(model)
     say(f"model {model_name} on {device} in {str(dtype).removeprefix('torch.')}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")

@@ -1,0 +1,103 @@
+"""Tiny Qwen2 models built locally (random weights, tokenizer trained on the fly): the tests never
+touch the network. Each test runs in its own working folder, so `adapters/` lands there."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DOCS = [
+    "The Orbix lamp was designed in Lisbon in 2021. It glows amber at night and turns itself off at dawn.",
+    "Quartzfield is a small village where every roof is painted green and the bakery opens at four.",
+    "奥比克斯台灯在里斯本设计，夜里发出琥珀色的光。",
+]
+CHATS = [
+    ("What colour does the Orbix lamp glow?", "The Orbix lamp glows amber at night."),
+    ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning."),
+    ("奥比克斯台灯在哪里设计？", "它在里斯本设计。"),
+]
+
+
+def tokenizer_texts() -> list[str]:
+    texts = list(DOCS)
+    for q, a in CHATS:
+        texts += [f"<|im_start|>user\n{q}<|im_end|>\n", f"<|im_start|>assistant\n{a}<|im_end|>\n"]
+    return texts + ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "Hello there, how are you?"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny base-style Qwen2: EOS <|endoftext|>, ChatML template present (as in Qwen2-0.5B)."""
+    from lorakit.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-base", tokenizer_texts(), instruct=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct(tmp_path_factory) -> Path:
+    """A tiny instruct-style Qwen2: EOS <|im_end|>."""
+    from lorakit.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-instruct", tokenizer_texts(), instruct=True)
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory) -> Path:
+    """A different tiny Qwen2 (other width): adapters of tiny_base must not apply to it."""
+    from lorakit.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "other", tokenizer_texts(), instruct=False,
+                            hidden=32)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def corpus(work) -> Path:
+    folder = work / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def chats(work) -> Path:
+    path = work / "chats.jsonl"
+    write_jsonl(path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                       for q, a in CHATS])
+    return path
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def lorakit(*args, expect: int = 0):
+    """Run the real CLI in-process; assert its exit code; return the click Result."""
+    from lorakit.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def load_metrics(adapter: Path) -> list[dict]:
+    return [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,109 @@
+"""Chat data: loss on assistant turns (and their <|im_end|>) only; formats converted; mistakes named."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import lorakit, write_jsonl, write_recipe
+from lorakit.data.blocks import IGNORE, pack_examples
+from lorakit.data.chat import load_conversations, template_system_prompt, tokenize_conversations
+from lorakit.data.preview import spans
+from lorakit.errors import LorakitError
+
+TALK = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "The lamp glows amber."},
+        {"role": "user", "content": "When?"}, {"role": "assistant", "content": "At night, 奥比克斯."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_instruct):
+    return AutoTokenizer.from_pretrained(tiny_instruct)
+
+
+def _examples(path, tokenizer, max_length=256, system="You are a helpful assistant."):
+    conversations, _ = load_conversations(path)
+    return tokenize_conversations(conversations, tokenizer, max_length, system)
+
+
+def test_multi_turn_labels_cover_exactly_the_assistant_turns_and_their_end(work, tokenizer):
+    (example,), cut = _examples(write_jsonl(work / "c.jsonl", [{"messages": TALK}]), tokenizer)
+    runs = spans(example, tokenizer)
+    assert [text for text, trained in runs if trained] == ["The lamp glows amber.<|im_end|>",
+                                                           "At night, 奥比克斯.<|im_end|>"]
+    assert "".join(text for text, _ in runs) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
+        "<|im_start|>assistant\nThe lamp glows amber.<|im_end|>\n<|im_start|>user\nWhen?<|im_end|>\n"
+        "<|im_start|>assistant\nAt night, 奥比克斯.<|im_end|>\n")
+    assert cut == 0
+
+
+def test_the_system_prompt_defaults_to_the_templates_own(tokenizer):
+    assert template_system_prompt(tokenizer) == "You are a helpful assistant."
+
+
+def test_a_conversation_with_its_own_system_turn_keeps_it(work, tokenizer):
+    talk = [{"role": "system", "content": "Be brief."}] + TALK[:2]
+    (example,), _ = _examples(write_jsonl(work / "c.jsonl", [{"messages": talk}]), tokenizer)
+    text = tokenizer.decode(example.input_ids)
+    assert "Be brief." in text and "helpful assistant" not in text
+
+
+def test_pad_never_hides_eos_from_the_loss(work, tiny_base):
+    """In the base tokenizer pad == EOS == <|endoftext|>; labels come from spans, not from token ids."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    talk = TALK[:1] + [{"role": "assistant", "content": "end <|endoftext|>"}]
+    (example,), _ = _examples(write_jsonl(work / "c.jsonl", [{"messages": talk}]), tokenizer)
+    assert tokenizer.pad_token_id in [label for label in example.labels if label != IGNORE]
+
+
+def test_sharegpt_and_alpaca_records_become_messages(work):
+    write_jsonl(work / "mixed.jsonl", [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"instruction": "Translate", "input": "chat", "output": "猫", "system": "You translate."},
+    ])
+    (_, sharegpt), (_, alpaca) = load_conversations(work / "mixed.jsonl")[0]
+    assert sharegpt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert alpaca == [{"role": "system", "content": "You translate."},
+                      {"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "猫"}]
+
+
+def test_parquet_conversations_load(work):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"messages": TALK}]), work / "c.parquet")
+    assert load_conversations(work / "c.parquet")[0][0][1] == TALK
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "bot", "content": "x"}]}, "line 1: messages\\[0\\].role is 'bot'"),
+    ({"messages": [{"role": "user"}]}, "messages\\[0\\].content must be a string, got nothing"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"text": "raw"}, "no `messages` field"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations\\[0\\].from is 'robot'"),
+])
+def test_bad_conversations_are_named_with_file_record_and_field(work, record, message):
+    path = write_jsonl(work / "bad.jsonl", [record])
+    with pytest.raises(LorakitError, match=f"bad.jsonl .*{message}"):
+        load_conversations(path)
+
+
+def test_a_conversation_truncated_to_nothing_trained_stops_before_training(work, tokenizer):
+    path = write_jsonl(work / "c.jsonl", [{"messages": TALK}])
+    with pytest.raises(LorakitError, match="c.jsonl line 1: no assistant token is left after truncation"):
+        _examples(path, tokenizer, max_length=12)
+
+
+def test_packing_keeps_conversations_whole(work, tokenizer):
+    examples, _ = _examples(write_jsonl(work / "c.jsonl", [{"messages": TALK}] * 5), tokenizer)
+    rows = pack_examples(examples, max_length=2 * len(examples[0].input_ids), packing=True)
+    assert len(rows) == 3 and sorted(r["position_ids"].count(0) for r in rows) == [1, 2, 2]
+
+
+def test_preview_marks_trained_spans_and_counts_tokens(work, tiny_instruct):
+    data = write_jsonl(work / "c.jsonl", [{"messages": TALK}])
+    recipe = write_recipe(work / "r.yaml", f"stage: sft\nmodel: {tiny_instruct}\ndata: {{path: {data}}}\n")
+    out = lorakit("preview", recipe).stdout
+    assert "[[The lamp glows amber.<|im_end|>]]" in out and "[[At night, 奥比克斯.<|im_end|>]]" in out
+    assert "<|im_start|>assistant\n[[" in out
+    assert "1 examples:" in out and "trained tokens" in out and "masked tokens" in out
