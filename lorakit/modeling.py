@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from .errors import LorakitError
+from .progress import say
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,11 +36,30 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+@functools.lru_cache(maxsize=1)
+def _use_cache_only_if_hub_unreachable() -> None:
+    """One quick connection probe before the first hub load. Written here because huggingface_hub
+    retries an unreachable host five times with back-off (about 25 s per file) before transformers
+    falls back to the local cache; offline mode goes to the cache at once."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        say(f"the model hub ({url.hostname}) is unreachable: using the local cache only")
+
+
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """Call a transformers loader, turning the usual failures into one line that names `name`."""
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise LorakitError(f"{name}: model folder not found")
+    if not local.exists():
+        _use_cache_only_if_hub_unreachable()
     if local.is_dir() and not (local / "config.json").is_file():
         raise LorakitError(f"{name}: not a model folder (no config.json)")
     try:

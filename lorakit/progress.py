@@ -25,6 +25,7 @@ class ProgressCallback(TrainerCallback):
         self.collator = collator
         self.bar = None
         self.start = 0.0
+        self.batches = 0  # micro-batches trained so far
         self.history: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -34,7 +35,13 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.batches += 1
+
     def on_step_end(self, args, state, control, **kwargs):
+        self.batches += 1
+        if state.global_step == state.max_steps:
+            control.should_log = True  # the final loss is always logged, whatever logging_steps says
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -42,7 +49,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         elapsed = time.perf_counter() - self.start
-        tokens = self.collator.tokens_seen
+        tokens = self.collator.tokens_in(self.batches)
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,

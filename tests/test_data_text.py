@@ -91,3 +91,10 @@ def test_data_text_command_writes_an_editable_json_list(corpus, work):
     records = json.loads((work / "docs.json").read_text(encoding="utf-8"))
     assert [r["text"] for r in records] == DOCS
     assert [d.text for d in load_documents(work / "docs.json")[0]] == DOCS
+
+
+def test_the_token_count_follows_batches_trained_not_batches_prefetched():
+    collate = Collator(pad_token_id=0)
+    for size in (3, 5, 2):
+        collate([{"input_ids": [1] * size, "labels": [1] * size, "position_ids": list(range(size))}])
+    assert [collate.tokens_in(n) for n in range(5)] == [0, 3, 8, 10, 10]

@@ -118,3 +118,22 @@ def test_inspect_shows_the_parameter_shares(cpt_adapter, tiny_base):
     assert "model.layers.0.self_attn.q_proj.weight" in plain and "embedding and output layers" in plain
     with_adapter = lorakit("inspect", tiny_base, "--adapter", cpt_adapter).stdout
     assert "lora_A" in with_adapter and "trainable (adapter):" in with_adapter
+
+
+def test_the_logged_token_count_is_the_tokens_trained(work, corpus, tiny_base):
+    text = CPT.format(model=tiny_base, data=corpus, steps=-1).replace("max_steps: -1", "epochs: 2, grad_accum: 2")
+    lorakit("train", write_recipe(work / "acc.yaml", text.replace("logging_steps: 10", "logging_steps: 1")))
+    adapter = work / "adapters" / "acc"
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert load_metrics(adapter)[-1]["tokens"] == 2 * manifest["data"]["tokens"]
+
+
+def test_interactive_chat_keeps_the_conversation(work, tiny_instruct):
+    from click.testing import CliRunner
+
+    from lorakit.cli import main
+
+    result = CliRunner().invoke(main, ["chat", "--model", str(tiny_instruct), "--greedy", "--max-new-tokens", "5"],
+                                input="Hello there\n/reset\nHow are you?\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("assistant> ") == 2

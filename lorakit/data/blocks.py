@@ -73,18 +73,23 @@ def pack_examples(examples: list[Example], max_length: int, packing: bool) -> li
 
 
 class Collator:
-    """Pads a batch of rows to its longest row and counts the real (non-padding) tokens seen."""
+    """Pads a batch of rows to its longest row, and keeps the running count of real (non-padding)
+    tokens per batch built: the data loader builds batches ahead of training, so tokens trained are
+    read as `tokens_in(first n batches)`, not as a running total."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.tokens_seen = 0
+        self.cumulative = [0]
+
+    def tokens_in(self, batches: int) -> int:
+        return self.cumulative[min(batches, len(self.cumulative) - 1)]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
         batch = {"input_ids": [], "labels": [], "position_ids": []}
+        self.cumulative.append(self.cumulative[-1] + sum(len(r["input_ids"]) for r in rows))
         for r in rows:
             gap = width - len(r["input_ids"])
-            self.tokens_seen += len(r["input_ids"])
             batch["input_ids"].append(r["input_ids"] + [self.pad_token_id] * gap)
             batch["labels"].append(r["labels"] + [IGNORE] * gap)
             # Padding restarts its positions, so it is a segment of its own that no real token sees.
