@@ -173,7 +173,10 @@ def chat(prompt, system, lm, tokenizer, manifest, sampling):
     history: list[dict] = []
     click.echo("chat: an empty line or Ctrl-D ends the session, /reset forgets the conversation")
     while True:
-        line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        try:
+            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        except click.exceptions.Abort:  # Ctrl-D / Ctrl-C ends the session quietly
+            return
         if not line.strip():
             return
         if line.strip() == "/reset":
