@@ -24,12 +24,19 @@ import yaml
 from .errors import LorakitError
 
 MANIFEST = "manifest.json"
+SHARD_SIZE = "2GB"
 
 
 def read_manifest(folder: str | Path) -> dict | None:
     """The folder's lorakit manifest, or None for a plain peft adapter."""
     path = Path(folder) / MANIFEST
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def is_full_model(folder: str | Path) -> bool:
+    """A complete model folder (a full fine-tune, an export) rather than an adapter."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
 
 
 def check_adapter_folder(folder: str | Path) -> Path:
@@ -69,19 +76,26 @@ def publish(staging: Path, out: Path) -> Path:
 
 def write_adapter(staging: Path, out: Path, model, tokenizer, recipe, manifest: dict) -> None:
     """Write peft weights, tokenizer, resolved recipe, manifest and (if any) the parent copy."""
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(staging)
     (staging / "recipe.yaml").write_text(
         f"# lorakit train {out / 'recipe.yaml'}   (the resolved recipe of {recipe.name}: every default spelled out)\n"
         + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    if recipe.parent:
+    if recipe.parent and not is_full_model(recipe.parent):
         shutil.copytree(recipe.parent, staging / "parent")
-    manifest = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_manifest(staging, manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def adapter_chain(folder: str | Path) -> list[Path]:
-    """The adapters to apply, base-most first: parent copies, then the adapter itself."""
+    """The adapters to apply, base-most first: parent copies, then the adapter itself (none for a
+    full model folder, which is its own base)."""
+    if is_full_model(folder):
+        return []
     chain = [check_adapter_folder(folder)]
     while (chain[0] / "parent" / "adapter_config.json").is_file():
         chain.insert(0, chain[0] / "parent")
@@ -89,7 +103,10 @@ def adapter_chain(folder: str | Path) -> list[Path]:
 
 
 def base_of(folder: str | Path) -> str:
-    """The base model an adapter was trained on, as its manifest or peft config records it."""
+    """The base model an adapter was trained on, as its manifest or peft config records it (a full
+    model folder is its own base)."""
+    if is_full_model(folder):
+        return str(folder)
     manifest = read_manifest(folder)
     if manifest:
         path = manifest.get("base_model_path")
@@ -111,9 +128,12 @@ def load_for_inference(model: str | None, adapter: str | None, device: str, dtyp
     if model is None and adapter is None:
         raise LorakitError("name a model (--model) or an adapter (--adapter)")
     name = model or base_of(adapter)
-    tokenizer = load_tokenizer(name)
-    lm = load_model(name, dtype, device)
     manifest = read_manifest(adapter) if adapter else None
+    if adapter and is_full_model(adapter):
+        name, adapter = str(adapter), None  # a full fine-tune: the folder is the model
+    tokenizer = load_tokenizer(name)
+    # A QLoRA adapter is applied to the same quantized base it was trained against.
+    lm = load_model(name, dtype, device, quantization=manifest.get("quantization") if adapter and manifest else None)
     if adapter:
         chain = adapter_chain(adapter)
         if manifest and not force and manifest.get("base_fingerprint") != fingerprint(lm.config, tokenizer):

@@ -40,6 +40,7 @@ def main(ctx, debug):
         # and the libraries' deprecation notices are not for our users to act on.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer call
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
@@ -54,12 +55,14 @@ def _recipe(path, overrides):
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-def train(recipe, overrides):
+@click.option("--full", is_flag=True, help="Full fine-tune: train every weight (same as method=full).")
+def train(recipe, overrides, full):
     """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
     from .train import run
 
-    out = run(_recipe(recipe, overrides))
-    click.echo(f"adapter written to {out}")
+    r = _recipe(recipe, overrides + ("method=full",) if full else overrides)
+    out = run(r)
+    click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
 
 
 @main.command()

@@ -85,12 +85,27 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
-    """A causal LM in `dtype` on `device`, in eval mode (training switches it)."""
+def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
+               quantization: dict | None = None):
+    """A causal LM in `dtype` on `device`, in eval mode (training switches it).
+
+    With `quantization` (the manifest form, see quant.describe) the linear layers are loaded through
+    bitsandbytes in 4 or 8 bits, and the CPU 4-bit repacking hazard is switched off.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization:
+        from .quant import bnb_config
+
+        extra = {"quantization_config": bnb_config(quantization), "device_map": {"": device}}
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "causal language model",
-                             dtype=dtype, trust_remote_code=trust_remote_code)
+                             dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if quantization:
+        from .quant import keep_4bit_layout
+
+        keep_4bit_layout(model)
+        return model.eval()
     return model.to(device).eval()
 
 
@@ -111,6 +126,20 @@ def fingerprint(config, tokenizer) -> str:
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return digest.hexdigest()[:16]
+
+
+def make_trainable(model, recipe, quantized: bool):
+    """full: every weight trains. lora/qlora: a fresh LoRA adapter on a frozen (maybe quantized) base."""
+    if recipe.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return attach_lora(model, recipe.lora, recipe.train.seed)
 
 
 def attach_lora(model, settings, seed: int):
@@ -135,8 +164,12 @@ def apply_adapter(model, folder: str | Path, merge: bool):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total), counting a 4-bit weight by its logical shape, not its packed bytes."""
+    def count(p):
+        state = getattr(p, "quant_state", None)
+        return state.shape.numel() if state is not None else p.numel()
+
+    return sum(count(p) for p in model.parameters() if p.requires_grad), sum(count(p) for p in model.parameters())
 
 
 def _short(exc: Exception) -> str:

@@ -45,9 +45,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tokenizer
 
 
+QWEN2_0_5B_SHAPE = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                    "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768}
+
+
 def build_tiny_qwen2(out: str | Path, texts: list[str], *, instruct: bool = True, hidden: int = 64,
-                     layers: int = 2, vocab_size: int = 1000, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2 (instruct: EOS <|im_end|>; base: EOS <|endoftext|>) to `out`."""
+                     layers: int = 2, vocab_size: int = 1000, seed: int = 0, shape: dict | None = None) -> Path:
+    """Write a tiny random Qwen2 (instruct: EOS <|im_end|>; base: EOS <|endoftext|>) to `out`.
+
+    `shape` overrides config fields, e.g. QWEN2_0_5B_SHAPE for benchmarks at the real model's size
+    (its vocabulary is then larger than the tokenizer's; the extra rows are never indexed)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -57,12 +64,15 @@ def build_tiny_qwen2(out: str | Path, texts: list[str], *, instruct: bool = True
     tokenizer.eos_token = eos
     tokenizer.pad_token = "<|endoftext|>"
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.1,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[eos], pad_token_id=ids["<|endoftext|>"],
     )
+    if shape:  # the real model's init: benchmarks measure speed, not learning
+        fields.update(shape, initializer_range=0.02)
+    config = Qwen2Config(**fields)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(

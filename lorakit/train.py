@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import platform
 import shutil
 from pathlib import Path
@@ -10,42 +11,85 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import adapter_chain, base_of, check_output, publish, read_manifest, staging_folder, write_adapter
+from .adapters import (adapter_chain, base_of, check_output, is_full_model, load_for_inference, publish,
+                       read_manifest, staging_folder, write_adapter, write_manifest)
 from .data.blocks import Collator
 from .data.prepare import Prepared, prepare
 from .errors import LorakitError
-from .modeling import (apply_adapter, attach_lora, count_parameters, fingerprint, for_training, load_model,
-                       load_tokenizer, resolve_device, resolve_dtype)
+from .modeling import (apply_adapter, count_parameters, fingerprint, for_training, load_model, load_tokenizer,
+                       make_trainable, resolve_device, resolve_dtype)
 from .progress import ProgressCallback, plot_loss, say
+from .quant import describe as describe_quant
+from .verify import compare, probe_ids
+from .verify import logits as probe_logits
 
 
 def run(recipe) -> Path:
-    """Train the recipe's adapter and return its folder."""
+    """Train the recipe's adapter (or, with method: full, model) and return its folder."""
     out = recipe.output_dir
     check_output(out)
     model_name = recipe.model or base_of(recipe.parent)
     device = resolve_device(recipe.train.device)
     dtype = resolve_dtype(recipe.train.dtype, device)
+    quantization = _quantization(recipe, dtype)
     tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
     data = prepare(recipe, tokenizer)
     _describe_data(recipe, data)
     if recipe.trust_remote_code:
         say("trust_remote_code is on: the model's own Python code will run")
-    model = load_model(model_name, dtype, device, recipe.trust_remote_code)
+    # Full fine-tuning keeps fp32 master weights and trains under autocast; adapters train on a
+    # base held in the compute dtype.
+    load_dtype = torch.float32 if recipe.method == "full" else dtype
+    model = load_model(model_name, load_dtype, device, recipe.trust_remote_code, quantization)
     base_fingerprint = fingerprint(model.config, tokenizer)
     model = _apply_parent(model, recipe.parent, base_fingerprint)
-    model = attach_lora(for_training(model), recipe.lora, recipe.train.seed)
+    model = make_trainable(for_training(model), recipe, quantization is not None)
     trainable, total = count_parameters(model)
-    say(f"model {model_name} on {device} in {str(dtype).removeprefix('torch.')}: "
-        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    say(f"{recipe.method} on {model_name} ({_quant_text(quantization)}) on {device}, compute "
+        f"{str(dtype).removeprefix('torch.')}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)")
     staging = staging_folder(out)
     try:
         summary = _train(model, tokenizer, data, recipe, staging, device, dtype)
-        manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype)
+        if recipe.method == "full" and dtype != torch.float32:
+            model = model.to(dtype)  # the trained weights, saved in the compute dtype
+        probe = probe_ids(data.rows)
+        expected = probe_logits(model, probe)
+        manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype, quantization)
         write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=model_name), manifest)
+        del model
+        gc.collect()
+        manifest["reload_check"] = _check_reload(staging, out, probe, expected, device, dtype)
+        write_manifest(staging, manifest)
         return publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_reload(staging: Path, out: Path, probe, expected, device: str, dtype) -> dict:
+    """Load what was written, as any later command will (fresh base, quantized again for QLoRA, parent
+    chain applied), and require the trained model's logits."""
+    reloaded, _, _ = load_for_inference(None, str(staging), device, dtype)
+    report = compare(expected, probe_logits(reloaded, probe), dtype, f"reloading the new {out}")
+    say(f"reload check: written weights reproduce the trained logits (max difference {report['max_logit_diff']:.2g})")
+    return report
+
+
+def _quantization(recipe, dtype) -> dict | None:
+    if recipe.method != "qlora":
+        return None
+    if recipe.parent and not is_full_model(recipe.parent):
+        raise LorakitError("method: qlora cannot build on a parent adapter yet (merging it into a quantized "
+                           "base would re-quantize it); merge the parent into a model folder first")
+    return describe_quant(recipe.quant, dtype)
+
+
+def _quant_text(quantization: dict | None) -> str:
+    if not quantization:
+        return "full precision"
+    if quantization["bits"] == 8:
+        return "8-bit base"
+    return f"4-bit {quantization['type']} base{', double-quantized' if quantization['double_quant'] else ''}"
 
 
 def _describe_data(recipe, data: Prepared) -> None:
@@ -103,7 +147,8 @@ def _train(model, tokenizer, data: Prepared, recipe, staging: Path, device: str,
     return summary
 
 
-def _manifest(recipe, model_name: str, base_fingerprint: str, data: Prepared, summary: dict, device, dtype) -> dict:
+def _manifest(recipe, model_name: str, base_fingerprint: str, data: Prepared, summary: dict, device, dtype,
+              quantization: dict | None) -> dict:
     import peft
     import transformers
 
@@ -122,7 +167,9 @@ def _manifest(recipe, model_name: str, base_fingerprint: str, data: Prepared, su
                    "stage": parent and parent.get("stage"), "copied_to": "parent/"} if recipe.parent else None,
         "system_prompt": data.system_prompt,
         "data": {"path": recipe.data.path, "hash": data.data_hash, **data.stats},
-        "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target": recipe.lora.target},
+        "lora": None if recipe.method == "full" else
+        {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target": recipe.lora.target},
+        "quantization": quantization,
         "metrics": summary,
         "trained_on": {"device": device, "dtype": str(dtype).removeprefix("torch.")},
         "versions": {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: the model shapes, the workload text, peak memory."""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lorakit.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2  # noqa: E402
+
+SHAPES = {
+    "0.5b": QWEN2_0_5B_SHAPE,
+    "small": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 2},
+}
+WORDS = ("kettle lamp river stone garden market harbour winter signal copper lantern meadow orbit "
+         "silver engine valley thunder paper circle planet forest bridge mirror window shadow").split()
+
+
+def documents(count: int = 64, seed: int = 0, low: int = 48, high: int = 800) -> list[str]:
+    """`count` documents of varied length (about low-high words, 64-1024 tokens with the bench tokenizer)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) + "." for _ in range(count)]
+
+
+def conversations(count: int = 64, seed: int = 1) -> list[dict]:
+    """`count` chats: a short question, an answer of about 20-400 tokens."""
+    rng = random.Random(seed)
+    return [{"messages": [
+        {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + "?"},
+        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 300))) + "."},
+    ]} for _ in range(count)]
+
+
+def ensure_model(shape: str) -> Path:
+    """A random-weight Qwen2 of the named shape, built once under .lorakit/bench/."""
+    out = ROOT / ".lorakit" / "bench" / f"qwen2-{shape}"
+    if not (out / "config.json").is_file():
+        texts = documents(200) + [m["content"] for c in conversations() for m in c["messages"]]
+        build_tiny_qwen2(out, texts, instruct=False, shape=SHAPES[shape])
+    return out
+
+
+def write_workload(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    cpt, sft = folder / "cpt.jsonl", folder / "sft.jsonl"
+    cpt.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents()))
+    sft.write_text("".join(json.dumps(c) + "\n" for c in conversations()))
+    return cpt, sft
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

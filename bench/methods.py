@@ -1,0 +1,81 @@
+"""LoRA vs QLoRA-4bit vs QLoRA-8bit vs full fine-tuning: tokens/s and peak memory, each method in a
+fresh process so its peak is its own.
+
+    python bench/methods.py --shape 0.5b --seq 512 --steps 6        # about 10 minutes on 2 CPU cores
+
+Prints a Markdown table for bench/RESULTS.md. Tokens/s counts real tokens between the first and the
+last logged step (the first step's warm-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, ensure_model, peak_rss_gib, write_workload
+
+METHODS = {"lora": ["method=lora"], "qlora-4bit": ["method=qlora", "quant.bits=4"],
+           "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"]}
+
+
+def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
+    """Train `steps` steps of one method in this process; return its figures."""
+    import torch
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import run
+
+    model = ensure_model(shape)
+    work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    cpt, _ = write_workload(work)
+    recipe_file = work / "bench.yaml"
+    recipe_file.write_text(f"stage: cpt\nmodel: {model}\ndata: {{path: {cpt}, max_length: {seq}}}\n"
+                           f"train: {{max_steps: {steps}, batch_size: 1, logging_steps: 1, lr: 1.0e-4, "
+                           f"dtype: {dtype}}}\noutput: {work / 'out'}\n")
+    torch.manual_seed(0)
+    out = run(load_recipe(recipe_file, METHODS[method]))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = metrics[0], metrics[-1]
+    return {"method": method, "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
+            "peak_rss_gib": peak_rss_gib(), "final_loss": last["loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="0.5b")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--one")
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.shape, args.seq, args.steps, args.dtype)), flush=True)
+        return
+    ensure_model(args.shape)
+    rows = []
+    for method in args.methods.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--one", method, "--shape", args.shape, "--seq",
+                               str(args.seq), "--steps", str(args.steps), "--dtype", args.dtype],
+                              capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"{method} failed")
+        rows.append(json.loads(line[0][7:]))
+        print(f"{method}: {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"\nQwen2-{args.shape} shape, random weights, seq {args.seq}, batch 1, {args.steps} steps, "
+          f"dtype {args.dtype}, {platform.processor() or platform.machine()}, "
+          f"{__import__('os').cpu_count()} cores\n")
+    print("| method | real tok/s | peak RSS (GiB) |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
