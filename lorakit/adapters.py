@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .errors import LorakitError
+from .progress import say
 
 MANIFEST = "manifest.json"
 SHARD_SIZE = "2GB"
@@ -117,29 +119,61 @@ def base_of(folder: str | Path) -> str:
     return config["base_model_name_or_path"]
 
 
-def load_for_inference(model: str | None, adapter: str | None, device: str, dtype, force: bool = False):
-    """Base model (from --model, or the adapter's manifest) with the adapter chain applied.
+def expand_chain(adapters: list[str | Path]) -> list[Path]:
+    """The adapters to apply, base-most first, each given adapter's parent copies included once.
 
-    Returns (model, tokenizer, manifest-or-None). Refuses a base whose fingerprint differs from the
-    one the adapter was trained on, unless `force`.
+    `--adapter cpt --adapter sft` and `--adapter sft` name the same chain when sft was trained on cpt:
+    an adapter whose weights already appear earlier (as a parent copy) is not applied twice.
     """
-    from .modeling import apply_adapter, fingerprint, load_model, load_tokenizer
+    chain, seen = [], set()
+    for adapter in adapters:
+        for folder in adapter_chain(adapter):
+            digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+            if digest not in seen:
+                seen.add(digest)
+                chain.append(folder)
+    return chain
 
-    if model is None and adapter is None:
+
+def check_base(adapter: str | Path, manifest: dict | None, model, tokenizer, name: str, force: bool) -> None:
+    """Stop when an adapter is applied to a base other than the one it was trained on."""
+    from .modeling import fingerprint
+
+    if not manifest or "base_fingerprint" not in manifest:
+        say(f"warning: {adapter} has no lorakit manifest (a plain peft adapter?): its base could not be checked")
+    elif manifest.get("base_fingerprint") != fingerprint(model.config, tokenizer) and not force:
+        raise LorakitError(f"{adapter} was trained on {manifest['base_model']} (fingerprint "
+                           f"{manifest.get('base_fingerprint')}), and {name} is a different model (fingerprint "
+                           f"{fingerprint(model.config, tokenizer)}); use --force to apply it anyway")
+
+
+def load_for_inference(model: str | None, adapters, device: str, dtype, force: bool = False,
+                       quantized: bool = True):
+    """Base model (from --model, or the first adapter's manifest) with the adapter chain applied.
+
+    `adapters` is a folder or a list of folders (a chain; parents are applied first). A full model
+    folder stands for the model itself. A QLoRA adapter is applied to the same quantized base it was
+    trained against unless `quantized` is False (the original weights). Returns (model, tokenizer,
+    manifest of the last adapter or None). Refuses a base whose fingerprint differs from the one an
+    adapter was trained on, unless `force`.
+    """
+    from .modeling import apply_adapter, load_model, load_tokenizer
+
+    adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters or [])
+    if model is None and not adapters:
         raise LorakitError("name a model (--model) or an adapter (--adapter)")
-    name = model or base_of(adapter)
-    manifest = read_manifest(adapter) if adapter else None
-    if adapter and is_full_model(adapter):
-        name, adapter = str(adapter), None  # a full fine-tune: the folder is the model
+    manifests = [read_manifest(a) for a in adapters]
+    full = [a for a in adapters if is_full_model(a)]
+    if full and len(adapters) > 1:
+        raise LorakitError(f"{full[0]} is a complete model, not an adapter: pass it as --model")
+    name = str(full[0]) if full else model or base_of(adapters[0])
+    adapters = [] if full else adapters
+    quantization = next((m.get("quantization") for m in manifests if m and m.get("quantization")), None)
     tokenizer = load_tokenizer(name)
-    # A QLoRA adapter is applied to the same quantized base it was trained against.
-    lm = load_model(name, dtype, device, quantization=manifest.get("quantization") if adapter and manifest else None)
-    if adapter:
-        chain = adapter_chain(adapter)
-        if manifest and not force and manifest.get("base_fingerprint") != fingerprint(lm.config, tokenizer):
-            raise LorakitError(f"{adapter} was trained on {manifest['base_model']}, and {name} is a different "
-                               f"model (config or vocabulary differ); use --force to apply it anyway")
-        for index, folder in enumerate(chain):
-            lm = apply_adapter(lm, folder, merge=index < len(chain) - 1)
-        lm.eval()
-    return lm, tokenizer, manifest
+    lm = load_model(name, dtype, device, quantization=quantization if quantized and adapters else None)
+    for adapter, manifest in zip(adapters, manifests):
+        check_base(adapter, manifest, lm, tokenizer, name, force)
+    chain = expand_chain(adapters)
+    for index, folder in enumerate(chain):
+        lm = apply_adapter(lm, folder, merge=index < len(chain) - 1)
+    return lm.eval(), tokenizer, manifests[-1] if manifests else None

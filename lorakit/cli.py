@@ -205,6 +205,89 @@ def inspect(model, adapter):
     click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
 
 
+def model_output_options(func):
+    @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+    @click.option("--model", help="Base model (default: the one in the adapter's manifest).")
+    @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+                  help="Dtype of the written weights.")
+    @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+    @click.option("--onto", type=click.Choice(["trained", "original"]), default="trained", show_default=True,
+                  help="QLoRA: merge onto the dequantized weights it trained on, or the original ones.")
+    @click.option("--no-verify", is_flag=True, help="Skip reloading OUT and comparing its logits.")
+    @click.option("--force", is_flag=True, help="Apply adapters to a base they were not trained on.")
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        return func(**kwargs)
+    return wrapper
+
+
+def _export(sources, output, model, dtype, shard_size, onto, no_verify, force):
+    from pathlib import Path
+
+    from .export import export
+    from .modeling import resolve_device
+
+    report = export(list(sources), Path(output), model=model, dtype=dtype, shard_size=shard_size, onto=onto,
+                    verify=not no_verify, force=force, device=resolve_device())
+    click.echo(f"model written to {report['path']} ({dtype})")
+
+
+@main.command()
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Adapter folder; repeat for a chain (CPT then SFT) or a weighted combination.")
+@click.option("--weights", help="Comma-separated weights: write a weighted combination as a new adapter.")
+@click.option("--combination", type=click.Choice(["cat", "linear", "svd", "ties"]), default="cat",
+              show_default=True, help="How --weights combine: cat is the exact weighted sum.")
+@model_output_options
+def merge(adapters, weights, combination, **options):
+    """Fold adapters into their base and write a complete model (or, with --weights, a new adapter)."""
+    if weights is None:
+        return _export(adapters, **options)
+    from pathlib import Path
+
+    from .combine import combine
+
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise LorakitError(f"--weights {weights!r}: expected numbers separated by commas, like 0.6,0.4") from None
+    report = combine(list(adapters), values, Path(options["output"]), combination)
+    click.echo(f"adapter written to {report['path']} ({combination} of {len(adapters)} adapters)")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@model_output_options
+def export(sources, **options):
+    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder."""
+    _export(sources, **options)
+
+
+@main.group()
+def adapters():
+    """List and show trained adapters."""
+
+
+@adapters.command("list")
+@click.argument("folder", default="adapters", type=click.Path(file_okay=False))
+def adapters_list(folder):
+    """Every adapter (and model) under FOLDER: name, stage, method, base, parent, size, final loss, date."""
+    from .catalog import list_adapters
+
+    click.echo(list_adapters(folder))
+
+
+@adapters.command("show")
+@click.argument("name")
+def adapters_show(name):
+    """One adapter's manifest in full (NAME: a folder, or a name under adapters/)."""
+    import json
+
+    from .catalog import find
+
+    click.echo(json.dumps(find(name), indent=2, ensure_ascii=False))
+
+
 @main.command()
 @click.option("--workdir", default=".lorakit/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the tiny model is built (the adapters go to adapters/).")

@@ -155,11 +155,17 @@ def attach_lora(model, settings, seed: int):
         raise LorakitError(f"lora.target {settings.target!r}: {_short(exc)}") from None
 
 
-def apply_adapter(model, folder: str | Path, merge: bool):
+def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default"):
     """Apply a saved LoRA adapter; `merge` folds it into the weights (for a parent under a child)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(folder))
+    try:
+        model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise LorakitError(f"{folder} does not fit this model: its weight shapes differ "
+                           f"({_short(exc.args[0].splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc)})") from None
     return model.merge_and_unload() if merge else model
 
 

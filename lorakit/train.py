@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import (adapter_chain, base_of, check_output, is_full_model, load_for_inference, publish,
+from .adapters import (adapter_chain, base_of, check_base, check_output, is_full_model, load_for_inference, publish,
                        read_manifest, staging_folder, write_adapter, write_manifest)
 from .data.blocks import Collator
 from .data.prepare import Prepared, prepare
@@ -42,7 +42,7 @@ def run(recipe) -> Path:
     load_dtype = torch.float32 if recipe.method == "full" else dtype
     model = load_model(model_name, load_dtype, device, recipe.trust_remote_code, quantization)
     base_fingerprint = fingerprint(model.config, tokenizer)
-    model = _apply_parent(model, recipe.parent, base_fingerprint)
+    model = _apply_parent(model, tokenizer, recipe.parent, model_name)
     model = make_trainable(for_training(model), recipe, quantization is not None)
     trainable, total = count_parameters(model)
     say(f"{recipe.method} on {model_name} ({_quant_text(quantization)}) on {device}, compute "
@@ -104,13 +104,11 @@ def _describe_data(recipe, data: Prepared) -> None:
         say(f"system prompt for conversations without one: {data.system_prompt!r}")
 
 
-def _apply_parent(model, parent: str | None, base_fingerprint: str):
+def _apply_parent(model, tokenizer, parent: str | None, model_name: str):
     """Fold the parent adapter chain into the base weights, after checking it was trained on this base."""
     if not parent:
         return model
-    manifest = read_manifest(parent)
-    if manifest and manifest.get("base_fingerprint") != base_fingerprint:
-        raise LorakitError(f"parent {parent} was trained on {manifest['base_model']}, not on this recipe's model")
+    check_base(parent, read_manifest(parent), model, tokenizer, model_name, force=False)
     for folder in adapter_chain(parent):
         model = apply_adapter(model, folder, merge=True)
     return model

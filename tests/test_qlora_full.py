@@ -66,8 +66,8 @@ def test_4bit_base_survives_evaluate_then_train_then_merge(tiny_base):
     model.save_pretrained(folder)
     (folder / "manifest.json").write_text(json.dumps({"base_model": str(tiny_base), "quantization": quantization}))
     with torch.no_grad():
-        merged = merged_model(str(folder), "cpu", torch.float32)(input_ids=PROBE).logits
-        original = merged_model(str(folder), "cpu", torch.float32, onto="original")(input_ids=PROBE).logits
+        merged = merged_model(str(folder), "cpu", torch.float32)[0](input_ids=PROBE).logits
+        original = merged_model(str(folder), "cpu", torch.float32, onto="original")[0](input_ids=PROBE).logits
     torch.testing.assert_close(merged, trained, atol=1e-4, rtol=1e-4)
     assert (original - trained).abs().max() > 1e-3  # the original weights are not what it trained on
 

@@ -1,0 +1,116 @@
+"""Weighted combinations of adapters into a new adapter (peft's add_weighted_adapter), refused where
+the result would not be what the user asked for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import (base_of, check_adapter_folder, check_output, publish, read_manifest, staging_folder,
+                       write_manifest)
+from .errors import LorakitError
+from .modeling import apply_adapter, load_model, load_tokenizer
+from .progress import say
+from .verify import compare, logits
+
+# cat is exact: the new adapter's update is the weighted sum of the inputs' updates (rank = sum of ranks).
+# linear mixes A and B matrices separately, so its product carries cross terms: a blend, not a sum.
+# svd truncates the exact sum to the largest input rank; ties prunes and elects signs by design.
+EXACT = {"cat"}
+
+
+def _configs(adapters: list[str]) -> list[dict]:
+    return [json.loads((check_adapter_folder(a) / "adapter_config.json").read_text()) for a in adapters]
+
+
+def refuse_if_wrong(adapters: list[str], weights: list[float], combination: str) -> None:
+    """The checks peft does not make, each with its reason."""
+    if len(adapters) < 2:
+        raise LorakitError("a weighted combination needs at least two --adapter")
+    if len(weights) != len(adapters):
+        raise LorakitError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    manifests = [read_manifest(a) or {} for a in adapters]
+    prints = {m.get("base_fingerprint") for m in manifests}
+    if len(prints) > 1:
+        raise LorakitError("the adapters were trained on different base models; their updates cannot be added")
+    if len({json.dumps(m.get("parent") and m["parent"].get("path")) for m in manifests}) > 1:
+        raise LorakitError("the adapters were trained on top of different parents, so no single base fits "
+                           "their sum; combine adapters trained on the same base")
+    if len({json.dumps(m.get("quantization"), sort_keys=True) for m in manifests}) > 1:
+        raise LorakitError("the adapters were trained on differently quantized bases; combine like with like")
+    configs = _configs(adapters)
+    ranks = {c["r"] for c in configs}
+    if combination in ("linear", "ties") and len(ranks) > 1:
+        raise LorakitError(f"--combination {combination} needs equal ranks (got {sorted(ranks)}): it mixes the "
+                           f"A and B matrices entry by entry; use --combination cat (exact) or svd")
+    scales = {c["lora_alpha"] / c["r"] for c in configs}
+    if combination == "linear" and len(scales) > 1:
+        raise LorakitError(f"--combination linear with different alpha/r scalings {sorted(scales)} would weight "
+                           f"the adapters other than asked; use --combination cat (exact)")
+
+
+def combine(adapters: list[str], weights: list[float], out: Path, combination: str = "cat",
+            device: str = "cpu", density: float = 0.5) -> dict:
+    """Write the weighted combination as a new adapter that plain peft loads."""
+    refuse_if_wrong(adapters, weights, combination)
+    check_output(out)
+    manifests = [read_manifest(a) or {} for a in adapters]
+    name = base_of(adapters[0])
+    tokenizer = load_tokenizer(name)
+    base = load_model(name, torch.float32, device, quantization=manifests[0].get("quantization"))
+    model = apply_adapter(base, adapters[0], merge=False, name="a0")
+    for i, adapter in enumerate(adapters[1:], start=1):
+        model.load_adapter(str(adapter), adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(adapters))]
+    exact = _exact_mix_logits(model, names, weights, tokenizer)
+    model.add_weighted_adapter(names, weights, "default", combination_type=combination,
+                               **({"density": density} if combination == "ties" else {}))
+    model.set_adapter("default")
+    for n in names:
+        model.delete_adapter(n)
+    mixed = logits(model, exact[0])
+    diff = (mixed - exact[1]).abs().max().item()
+    if combination in EXACT:
+        compare(exact[1], mixed, torch.float32, f"the {combination} combination")
+    else:
+        say(f"--combination {combination} approximates the weighted sum: logits differ from it by up to {diff:.3g}")
+    staging = staging_folder(out)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if manifests[0].get("parent") and (Path(adapters[0]) / "parent").is_dir():
+            shutil.copytree(Path(adapters[0]) / "parent", staging / "parent")
+        manifest = {**{k: manifests[0].get(k) for k in ("base_model", "base_model_path", "base_fingerprint",
+                                                          "stage", "quantization", "system_prompt", "parent")},
+                    "lorakit_version": __version__, "method": "combination",
+                    "combination": {"type": combination, "adapters": [str(Path(a).resolve()) for a in adapters],
+                                    "weights": weights, "max_logit_diff_from_exact_sum": diff}}
+        write_manifest(staging, manifest)
+        return {**manifest, "path": str(publish(staging, out))}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exact_mix_logits(model, names: list[str], weights: list[float], tokenizer):
+    """Logits of base + sum_i w_i * update_i: every adapter active at once, each scaled by its weight."""
+    from peft.tuners.lora import LoraLayer
+
+    from .export import _probe
+
+    probe = _probe(tokenizer)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for n, w in zip(names, weights):
+            if n in layer.scaling:
+                layer.scaling[n] *= w
+    model.base_model.set_adapter(names)
+    expected = logits(model, probe)
+    for layer, scaling in zip(layers, saved):
+        layer.scaling.update(scaling)
+    model.base_model.set_adapter(names[0])
+    return probe, expected

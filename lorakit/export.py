@@ -1,0 +1,115 @@
+"""Merged, deployable model folders that are checked before they are kept.
+
+OUT holds sharded safetensors (with an index when there is more than one shard), config, tokenizer
+and chat template, and a generation config whose EOS matches how the model was trained. After
+writing, OUT is reloaded with plain transformers and its logits compared with the adapter applied to
+its base; beyond the dtype's tolerance OUT is removed and the command fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import (SHARD_SIZE, check_output, is_full_model, load_for_inference, publish, read_manifest,
+                       staging_folder, write_manifest)
+from .merge import merged_model
+from .modeling import DTYPES
+from .progress import say
+from .verify import compare, logits
+
+PROBE_TEXT = ["The quick brown fox jumps over the lazy dog. 你好，世界。", "Hello, how are you today?"]
+
+
+def export(sources: list[str], out: Path, *, model: str | None = None, dtype: str = "bf16",
+           shard_size: str = SHARD_SIZE, onto: str = "trained", verify: bool = True, force: bool = False,
+           device: str = "cpu") -> dict:
+    """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`."""
+    check_output(out)
+    target = DTYPES[dtype]
+    reference, report = _reference(sources, model, onto, force, device) if verify else (None, {})
+    merged, tokenizer = merged_model(sources, device, torch.float32, onto=onto, model=model, force=force)
+    chat = _chat_tuned(sources, tokenizer)
+    staging = staging_folder(out)
+    try:
+        _set_stop_tokens(merged, tokenizer, chat)
+        merged.to(target).save_pretrained(staging, max_shard_size=shard_size)
+        tokenizer.save_pretrained(staging)
+        del merged
+        gc.collect()
+        if verify:
+            report["verify"] = _verify(staging, out, reference, target)
+        report.update(_facts(sources, staging, dtype, onto, chat))
+        write_manifest(staging, report)
+        return {**report, "path": str(publish(staging, out))}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _probe(tokenizer) -> torch.Tensor:
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROBE_TEXT]
+    width = min(len(i) for i in ids)
+    return torch.tensor([i[:width] for i in ids])
+
+
+def _reference(sources, model, onto, force, device) -> tuple[tuple, dict]:
+    """Logits of the adapter applied to its base (unmerged, fp32): what OUT must reproduce. With
+    --onto original, also how far that drifts from the model the adapter was trained as."""
+    lm, tokenizer, _ = load_for_inference(model, sources, device, torch.float32, force, quantized=onto == "trained")
+    probe = _probe(tokenizer)
+    expected = logits(lm, probe)
+    report = {}
+    if onto == "original" and any((read_manifest(s) or {}).get("quantization") for s in sources):
+        del lm
+        trained, _, _ = load_for_inference(model, sources, device, torch.float32, force)
+        drift = (logits(trained, probe) - expected).abs().max().item()
+        report["drift_from_trained"] = drift
+        say(f"--onto original: the merged model's logits differ from the quantized model it was trained "
+            f"as by up to {drift:.3g}")
+    return (probe, expected), report
+
+
+def _verify(staging: Path, out: Path, reference, target: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    probe, expected = reference
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=target)
+    result = compare(expected, logits(reloaded, probe), target, f"verifying {out}")
+    say(f"verified: {out} reloaded with plain transformers matches the adapter on its base "
+        f"(max logit difference {result['max_logit_diff']:.3g}, limit {result['tolerance']:.3g})")
+    return result
+
+
+def _chat_tuned(sources, tokenizer) -> bool:
+    """Trained on conversations anywhere in the chain, or a chat model to begin with."""
+    stages = [(read_manifest(s) or {}).get("stage") for s in sources]
+    return "sft" in stages or tokenizer.eos_token == "<|im_end|>"
+
+
+def _set_stop_tokens(model, tokenizer, chat: bool) -> None:
+    """A chat model must stop at <|im_end|>; exported with the base's EOS it never stops."""
+    if not chat or "<|im_end|>" not in tokenizer.get_vocab():
+        return
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = [end] + [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if i is not None and i != end]
+    model.config.eos_token_id = end
+    model.generation_config.eos_token_id = eos
+    tokenizer.eos_token = "<|im_end|>"
+
+
+def _facts(sources, staging: Path, dtype: str, onto: str, chat: bool) -> dict:
+    size = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
+    manifests = [read_manifest(s) or {} for s in sources]
+    say(f"exported {len(list(staging.glob('*.safetensors')))} safetensors shard(s), {size / 2**20:.1f} MiB, "
+        f"dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
+    return {"lorakit_version": __version__, "kind": "merged", "method": "merged", "dtype": dtype,
+            "sources": [str(Path(s).resolve()) for s in sources], "onto": onto, "chat": chat,
+            "stage": next((m.get("stage") for m in reversed(manifests) if m.get("stage")), None),
+            "system_prompt": next((m["system_prompt"] for m in reversed(manifests) if m.get("system_prompt")), None),
+            "base_model": next((m.get("base_model") for m in manifests if m.get("base_model")), None),
+            "base_fingerprint": next((m.get("base_fingerprint") for m in manifests if m.get("base_fingerprint")), None),
+            "full_model_source": any(is_full_model(s) for s in sources), "size_bytes": size}
