@@ -1,4 +1,4 @@
-"""Pure text generation and chat replies; the interactive loop lives in the CLI."""
+"""Pure text generation and chat replies; the interactive loop lives in the CLI, the HTTP one in serve.py."""
 
 from __future__ import annotations
 
@@ -20,33 +20,55 @@ class Sampling:
     seed: int | None = None
 
 
-def _generate(model, tokenizer, prompt_ids: list[int], sampling: Sampling, stop_ids: list[int]) -> str:
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """"stop" (a stop token came) or "length" (max_new_tokens ran out)."""
+
+
+def text_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """Token ids of a raw-text prompt and the tokens that end a continuation (EOS)."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"], [tokenizer.eos_token_id]
+
+
+def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation awaiting the assistant's turn, and the tokens that end the turn."""
+    text = render_text(tokenizer, with_system(messages, system_prompt), generation_prompt=True)
+    stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id})
+    return tokenizer(text, add_special_tokens=False)["input_ids"], stops
+
+
+def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling) -> Generation:
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
-    options = {"do_sample": False} if sampling.greedy else {
+    options = {"do_sample": False} if sampling.greedy or sampling.temperature == 0 else {
         "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids,
                                 pad_token_id=tokenizer.pad_token_id, **options)
     new = output[0, len(prompt_ids):].tolist()
+    stopped = bool(new) and new[-1] in stop_ids
+    count = len(new)
     while new and new[-1] in stop_ids:
         new.pop()
-    return tokenizer.decode(new, skip_special_tokens=False)
+    return Generation(tokenizer.decode(new, skip_special_tokens=False), len(prompt_ids), count,
+                      "stop" if stopped else "length")
 
 
 def generate_text(model, tokenizer, prompt: str, sampling: Sampling = Sampling()) -> str:
     """Continue `prompt` as raw text (what a CPT adapter learned); stops at EOS."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return _generate(model, tokenizer, ids, sampling, [tokenizer.eos_token_id])
+    ids, stops = text_prompt(tokenizer, prompt)
+    return complete(model, tokenizer, ids, stops, sampling).text
 
 
 def chat_reply(model, tokenizer, messages: list[dict], system_prompt: str | None,
                sampling: Sampling = Sampling()) -> str:
     """The assistant's next turn, rendered with the chat template and the recorded system prompt."""
-    text = render_text(tokenizer, with_system(messages, system_prompt), generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id})
-    return _generate(model, tokenizer, ids, sampling, stops)
+    ids, stops = chat_prompt(tokenizer, messages, system_prompt)
+    return complete(model, tokenizer, ids, stops, sampling).text

@@ -6,6 +6,7 @@ The only place below the CLI that writes to the terminal.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ class ProgressCallback(TrainerCallback):
         self.start = 0.0
         self.batches = 0  # micro-batches trained so far
         self.history: list[dict] = []
+        self.evals: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
@@ -46,7 +48,14 @@ class ProgressCallback(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"],
+                               "eval_ppl": math.exp(min(logs["eval_loss"], 50))})
+            self._append(self.evals[-1])
+            return
+        if "loss" not in logs:
             return
         elapsed = time.perf_counter() - self.start
         tokens = self.collator.tokens_in(self.batches)
@@ -55,10 +64,13 @@ class ProgressCallback(TrainerCallback):
                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
                  "elapsed_s": round(elapsed, 2)}
         self.history.append(entry)
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        self._append(entry)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=entry["tokens_per_s"], refresh=False)
+
+    def _append(self, entry: dict) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -73,17 +85,21 @@ class ProgressCallback(TrainerCallback):
                 "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "runtime_s": last["elapsed_s"]}
 
 
-def plot_loss(history: list[dict], out: Path, title: str) -> None:
-    """The loss curve as a PNG beside the adapter."""
+def plot_loss(history: list[dict], out: Path, title: str, evals: list[dict] = ()) -> None:
+    """The loss curve (and the eval loss, if any) as a PNG beside the adapter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 60 else None)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 60 else None,
+            label="training loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], marker="o", label="eval loss")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

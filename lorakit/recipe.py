@@ -32,10 +32,18 @@ class DataSettings:
     system_prompt: str | None = None
     """SFT only. Inserted when a conversation has no system turn. None: the prompt the model's own
     chat template would insert (Qwen2: "You are a helpful assistant."); "": an empty system turn."""
+    eval_path: str | None = None
+    """Held-out data in the same format: eval loss and perplexity are logged and kept in the manifest."""
+    eval_split: float = 0.0
+    """Instead of eval_path: hold out this share of the training examples (seeded by train.seed)."""
 
     def __post_init__(self):
         if self.max_length < 8:
             raise LorakitError(f"data.max_length must be at least 8, got {self.max_length}")
+        if not 0 <= self.eval_split < 1:
+            raise LorakitError(f"data.eval_split must be in [0, 1), got {self.eval_split}")
+        if self.eval_split and self.eval_path:
+            raise LorakitError("give data.eval_path or data.eval_split, not both")
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class TrainSettings:
     """Recompute activations in the backward pass: less memory, about a third slower."""
     logging_steps: int = 1
     """Log loss, learning rate and tokens/s every this many steps."""
+    eval_steps: int = 0
+    """With eval data: evaluate every this many steps; 0 evaluates at the end of each epoch."""
 
     def __post_init__(self):
         if self.lr <= 0:

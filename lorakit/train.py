@@ -13,13 +13,13 @@ import torch
 from . import __version__
 from .adapters import (adapter_chain, base_of, check_base, check_output, is_full_model, load_for_inference, publish,
                        read_manifest, staging_folder, write_adapter, write_manifest)
-from .data.blocks import Collator
 from .data.prepare import Prepared, prepare
 from .errors import LorakitError
 from .modeling import (apply_adapter, count_parameters, fingerprint, for_training, load_model, load_tokenizer,
                        make_trainable, resolve_device, resolve_dtype)
-from .progress import ProgressCallback, plot_loss, say
+from .progress import plot_loss, say
 from .quant import describe as describe_quant
+from .trainer import build_trainer
 from .verify import compare, probe_ids
 from .verify import logits as probe_logits
 
@@ -115,31 +115,18 @@ def _apply_parent(model, tokenizer, parent: str | None, model_name: str):
 
 
 def _train(model, tokenizer, data: Prepared, recipe, staging: Path, device: str, dtype) -> dict:
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
-    t = recipe.train
-    args = TrainingArguments(
-        output_dir=str(staging / "trainer"), num_train_epochs=t.epochs, max_steps=t.max_steps,
-        learning_rate=t.lr, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
-        activation_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps,
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_pin_memory=device == "cuda",
-    )
-    collator = Collator(tokenizer.pad_token_id)
-    progress = ProgressCallback(staging / "metrics.jsonl", collator)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data.rows),
-                      data_collator=collator, callbacks=[progress])
-    trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
+    trainer, progress = build_trainer(model, tokenizer, data.rows, data.eval_rows, recipe, staging, device, dtype)
     trainer.train()
-    shutil.rmtree(staging / "trainer", ignore_errors=True)
     summary = progress.summary()
+    if data.eval_rows:
+        if not progress.evals or progress.evals[-1]["step"] != trainer.state.global_step:
+            trainer.evaluate()  # the final figures, unless the schedule just evaluated
+        summary.update(eval_loss=progress.evals[-1]["eval_loss"], eval_ppl=progress.evals[-1]["eval_ppl"])
+        say(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f} on {len(data.eval_rows)} rows")
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
     if progress.history:
-        plot_loss(progress.history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})")
+        plot_loss(progress.history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})",
+                  progress.evals)
     say(f"loss {summary.get('first_loss', float('nan')):.4f} -> {summary.get('final_loss', float('nan')):.4f} "
         f"in {summary.get('steps', 0)} steps, {summary.get('tokens_per_s')} tokens/s")
     return summary

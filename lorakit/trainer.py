@@ -1,0 +1,53 @@
+"""transformers' Trainer, set up the way lorakit trains: our rows and collator, our progress and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from .data.blocks import Collator
+from .progress import ProgressCallback
+
+
+class _Trainer(Trainer):
+    """Evaluation batches get a collator of their own, so the count of trained tokens stays exact."""
+
+    def __init__(self, *args, eval_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        training, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training
+
+
+def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], recipe, staging: Path, device: str,
+                  dtype) -> tuple[Trainer, ProgressCallback]:
+    from datasets import Dataset
+
+    t = recipe.train
+    evaluate = "no" if not eval_rows else ("steps" if t.eval_steps else "epoch")
+    args = TrainingArguments(
+        output_dir=str(staging / "trainer"), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        learning_rate=t.lr, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
+        activation_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps,
+        eval_strategy=evaluate, eval_steps=t.eval_steps or None, prediction_loss_only=True,
+        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_pin_memory=device == "cuda",
+    )
+    collator = Collator(tokenizer.pad_token_id)
+    progress = ProgressCallback(staging / "metrics.jsonl", collator)
+    trainer = _Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                       data_collator=collator, eval_collator=Collator(tokenizer.pad_token_id), callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
+    return trainer, progress

@@ -1,0 +1,180 @@
+"""Adapters per domain at inference (swap, serve) and evidence that training helped (eval, compare)."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import load_metrics, lorakit, write_jsonl, write_recipe
+
+QUESTION = "What colour does the Orbix lamp glow?"
+ANSWERS = {"amber": "The Orbix lamp glows amber at night.", "violet": "The Orbix lamp glows violet at dawn."}
+RECIPE = """stage: sft
+model: {model}
+output: {output}
+data: {{path: {data}, max_length: 96}}
+lora: {{r: 16, alpha: 32, dropout: 0.0}}
+train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0, logging_steps: 20}}
+"""
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory, tiny_instruct):
+    """Two adapters trained on the same question with different answers: each must give its own."""
+    folder = tmp_path_factory.mktemp("domains")
+    adapters = {}
+    for name, answer in ANSWERS.items():
+        data = write_jsonl(folder / f"{name}.jsonl", [
+            {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]},
+            {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": f"Hello from {name}."}]},
+        ])
+        lorakit("train", write_recipe(folder / f"{name}.yaml", RECIPE.format(model=tiny_instruct, data=data,
+                                                                             output=folder / name)))
+        adapters[name] = folder / name
+    return adapters
+
+
+def _specs(domains):
+    return [f"{name}={path}" for name, path in domains.items()]
+
+
+def test_chat_switches_adapters_in_one_process(domains, tiny_instruct):
+    from lorakit.cli import main
+
+    args = ["chat", "--model", str(tiny_instruct), "--greedy"]
+    for spec in _specs(domains):
+        args += ["--adapter", spec]
+    script = f"/adapters\n{QUESTION}\n/reset\n/adapter violet\n{QUESTION}\n/reset\n/adapter none\n{QUESTION}\n/adapter nope\n\n"
+    result = CliRunner().invoke(main, args, input=script)
+    assert result.exit_code == 0, result.output
+    replies = [line.removeprefix("assistant> ") for line in result.output.splitlines() if line.startswith("assistant> ")]
+    assert replies[0] == ANSWERS["amber"] and replies[1] == ANSWERS["violet"]
+    assert replies[2] not in ANSWERS.values()  # the bare base knows neither
+    assert "*amber" in result.output and "using violet (" in result.output and "ms)" in result.output
+    assert "no adapter named 'nope'" in result.output
+
+
+def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny_base):
+    """Active adapters add their updates: the parent + child entry equals the merged chain."""
+    import torch
+
+    from lorakit.adapters import load_for_inference
+    from lorakit.session import Session
+
+    base = f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\ntrain: {{max_steps: 30, lr: 3.0e-3}}\n"
+    lorakit("train", write_recipe(work / "cpt.yaml", base))
+    sft = f"stage: sft\nparent: adapters/cpt\ndata: {{path: {chats}}}\ntrain: {{max_steps: 30, lr: 3.0e-3}}\n"
+    lorakit("train", write_recipe(work / "sft.yaml", sft))
+    session = Session(None, {"stacked": "adapters/sft", "cpt": "adapters/cpt"}, "cpu", torch.float32)
+    assert len(session.entries["stacked"]) == 2 and session.entries["cpt"] == session.entries["stacked"][:1]
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    session.use("stacked")
+    with torch.no_grad(), session.active() as model:
+        swapped = model(input_ids=ids).logits
+    merged = load_for_inference(None, "adapters/sft", "cpu", torch.float32)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(swapped, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def server(domains, tiny_instruct):
+    import torch
+    import uvicorn
+
+    from lorakit.serve import create_app
+    from lorakit.session import Session, parse_entries
+
+    session = Session(str(tiny_instruct), parse_entries(_specs(domains)), "cpu", torch.float32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(session, max_input_tokens=200), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _post(url, body, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _ask(server, model):
+    return _post(f"{server}/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": 30,
+                                                   "messages": [{"role": "user", "content": QUESTION}]})
+
+
+def test_the_server_lists_models_and_answers_interleaved_requests_each_with_its_adapter(server):
+    with urllib.request.urlopen(f"{server}/v1/models") as response:
+        assert [m["id"] for m in json.loads(response.read())["data"]] == ["base", "amber", "violet"]
+    order = ["amber", "violet"] * 4
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda m: _ask(server, m), order))
+    for model, (status, body) in zip(order, results):
+        assert status == 200 and body["model"] == model
+        assert body["choices"][0]["message"]["content"] == ANSWERS[model]
+        assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] > 0
+    status, body = _post(f"{server}/v1/completions", {"model": "base", "prompt": "The Orbix", "max_tokens": 5,
+                                                      "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_server_refuses_bad_requests_with_4xx_and_keeps_serving(server):
+    status, body = _ask(server, "nope")
+    assert status == 404 and "not found" in body["error"]["message"]
+    status, body = _post(f"{server}/v1/chat/completions", None, raw=b'{"model": "amber", "messages": [')
+    assert status == 400 and "malformed JSON" in body["error"]["message"]
+    status, body = _post(f"{server}/v1/chat/completions", {"model": "amber", "messages": "hi"})
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = _post(f"{server}/v1/completions", {"model": "amber", "prompt": "lamp " * 300})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    status, body = _ask(server, "violet")
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS["violet"]
+
+
+def test_eval_shows_lower_perplexity_with_the_adapter_on_its_domain(domains, tiny_instruct, work):
+    data = write_jsonl(work / "amber.jsonl", [{"messages": [{"role": "user", "content": QUESTION},
+                                                            {"role": "assistant", "content": ANSWERS["amber"]}]}])
+    table = lorakit("eval", "--model", tiny_instruct, "--adapter", f"amber={domains['amber']}", "--data", data).stdout
+    rows = {line.split()[0]: float(line.split()[2]) for line in table.splitlines()[1:]}
+    assert rows["amber"] < 0.5 * rows["base"], table
+    assert "assistant tokens" in table.splitlines()[0]
+
+
+def test_compare_writes_both_answers_for_every_prompt(domains, tiny_instruct, work):
+    (work / "prompts.txt").write_text(f"{QUESTION}\nHello there\n")
+    out = lorakit("compare", "--model", tiny_instruct, *sum((["--adapter", s] for s in _specs(domains)), []),
+                  "--prompts", work / "prompts.txt", "-o", work / "report.md").stdout
+    assert "2 prompts x 3 models" in out
+    report = (work / "report.md").read_text()
+    assert report.count("## Prompt") == 2 and ANSWERS["amber"] in report and ANSWERS["violet"] in report
+    assert "Hello from amber." in report and "Hello from violet." in report and "| base |" in report
+
+
+def test_held_out_data_is_evaluated_during_training_and_recorded(work, chats, tiny_instruct):
+    text = RECIPE.format(model=tiny_instruct, data=chats, output="adapters/ev").replace(
+        "max_length: 96", "max_length: 96, eval_split: 0.34").replace("logging_steps: 20", "logging_steps: 20, eval_steps: 40")
+    lorakit("train", write_recipe(work / "ev.yaml", text))
+    metrics = load_metrics(work / "adapters" / "ev")
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [40, 80, 120] and all(m["eval_ppl"] > 1 for m in evals)
+    manifest = json.loads((work / "adapters" / "ev" / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert manifest["data"]["examples"] == 2 and manifest["data"]["eval_rows"] == 1
