@@ -39,6 +39,8 @@ def list_adapters(folder: str | Path) -> str:
 
 def find(name: str) -> dict:
     """The manifest of the adapter NAME: a folder path, or a folder under adapters/."""
+    if ".." in Path(name).parts:
+        raise LorakitError(f"{name}: adapter names cannot climb out of their folder with '..'")
     for folder in (Path(name), Path("adapters") / name):
         if folder.is_dir():
             manifest = read_manifest(folder)

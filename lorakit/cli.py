@@ -20,7 +20,7 @@ class Group(click.Group):
             if ctx.meta.get("lorakit.debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(getattr(exc, "exit_code", 1))
 
 
 @click.group(cls=Group)
@@ -56,12 +56,13 @@ def _recipe(path, overrides):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--full", is_flag=True, help="Full fine-tune: train every weight (same as method=full).")
-def train(recipe, overrides, full):
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
+def train(recipe, overrides, full, resume):
     """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
     from .train import run
 
     r = _recipe(recipe, overrides + ("method=full",) if full else overrides)
-    out = run(r)
+    out = run(r, resume=resume)
     click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
 
 

@@ -20,6 +20,7 @@ from .adapters import (SHARD_SIZE, check_output, is_full_model, load_for_inferen
 from .merge import merged_model
 from .modeling import DTYPES
 from .progress import say
+from .runs import check_disk
 from .verify import compare, logits
 
 PROBE_TEXT = ["The quick brown fox jumps over the lazy dog. 你好，世界。", "Hello, how are you today?"]
@@ -33,6 +34,8 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
     target = DTYPES[dtype]
     reference, report = _reference(sources, model, onto, force, device) if verify else (None, {})
     merged, tokenizer = merged_model(sources, device, torch.float32, onto=onto, model=model, force=force)
+    size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
+    check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
     chat = _chat_tuned(sources, tokenizer)
     staging = staging_folder(out)
     try:

@@ -85,6 +85,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_causal_lm(name: str, trust_remote_code: bool = False) -> None:
+    """Fail fast, before data and weights are loaded, on a model that cannot generate text."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = _from_pretrained(AutoConfig.from_pretrained, name, "model", trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise LorakitError(f"{name}: not a causal language model (its model type is {config.model_type})")
+
+
 def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
                quantization: dict | None = None):
     """A causal LM in `dtype` on `device`, in eval mode (training switches it).

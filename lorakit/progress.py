@@ -21,11 +21,13 @@ def say(message: str) -> None:
 class ProgressCallback(TrainerCallback):
     """A bar with step, loss, tokens/s and ETA; every log line appended to metrics.jsonl."""
 
-    def __init__(self, metrics_path: Path, collator):
+    def __init__(self, metrics_path: Path, collator, stop: dict | None = None):
         self.metrics_path = metrics_path
         self.collator = collator
+        self.stop = stop if stop is not None else {}
         self.bar = None
         self.start = 0.0
+        self.resumed_tokens, self.resumed_seconds = 0, 0.0  # what the run had done before a resume
         self.batches = 0  # micro-batches trained so far
         self.history: list[dict] = []
         self.evals: list[dict] = []
@@ -33,9 +35,18 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
 
+        from .runs import trim_metrics
+
         self.start = time.perf_counter()
+        if state.global_step and state.is_world_process_zero:  # resumed: continue the curve from there
+            kept = trim_metrics(self.metrics_path, state.global_step)
+            self.history = [e for e in kept if "loss" in e]
+            self.evals = [e for e in kept if "eval_loss" in e]
+            if self.history:
+                self.resumed_tokens, self.resumed_seconds = self.history[-1]["tokens"], self.history[-1]["elapsed_s"]
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.batches += 1
@@ -44,6 +55,8 @@ class ProgressCallback(TrainerCallback):
         self.batches += 1
         if state.global_step == state.max_steps:
             control.should_log = True  # the final loss is always logged, whatever logging_steps says
+        if self.stop.get("signal"):  # Ctrl-C / SIGTERM: checkpoint this step, then stop
+            control.should_save = control.should_training_stop = control.should_log = True
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -57,8 +70,8 @@ class ProgressCallback(TrainerCallback):
             return
         if "loss" not in logs:
             return
-        elapsed = time.perf_counter() - self.start
-        tokens = self.collator.tokens_in(self.batches)
+        elapsed = self.resumed_seconds + time.perf_counter() - self.start
+        tokens = self.resumed_tokens + self.collator.tokens_in(self.batches)
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
@@ -73,8 +86,13 @@ class ProgressCallback(TrainerCallback):
             f.write(json.dumps(entry) + "\n")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar's line (also when training stops on an error, so the message starts clean)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
     def summary(self) -> dict:
         """First and final loss, steps, tokens and speed of the run."""

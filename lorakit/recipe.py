@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,13 +108,18 @@ class TrainSettings:
     """Log loss, learning rate and tokens/s every this many steps."""
     eval_steps: int = 0
     """With eval data: evaluate every this many steps; 0 evaluates at the end of each epoch."""
+    save_steps: int = 200
+    """Checkpoint (adapter, optimizer, scheduler, RNG states, data position) every this many steps,
+    for `lorakit train --resume`; 0 turns checkpoints off. Ctrl-C and SIGTERM always checkpoint."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep."""
 
     def __post_init__(self):
         if self.lr <= 0:
             raise LorakitError(f"train.lr must be positive, got {self.lr}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise LorakitError(f"train.epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "logging_steps"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise LorakitError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -148,6 +154,10 @@ class Recipe:
     def __post_init__(self):
         if self.model is None and self.parent is None:
             raise LorakitError("the recipe needs `model` (a hub id or a local folder) or `parent`")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise LorakitError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        if self.output and ".." in Path(self.output).parts:
+            raise LorakitError(f"output {self.output!r} must not climb out of its folder with '..'")
 
     @property
     def output_dir(self) -> Path:

@@ -15,26 +15,47 @@ from .adapters import (adapter_chain, base_of, check_base, check_output, is_full
                        read_manifest, staging_folder, write_adapter, write_manifest)
 from .data.prepare import Prepared, prepare
 from .errors import LorakitError
-from .modeling import (apply_adapter, count_parameters, fingerprint, for_training, load_model, load_tokenizer,
-                       make_trainable, resolve_device, resolve_dtype)
+from .modeling import (apply_adapter, check_causal_lm, count_parameters, fingerprint, for_training, load_model,
+                       load_tokenizer, make_trainable, resolve_device, resolve_dtype)
 from .progress import plot_loss, say
 from .quant import describe as describe_quant
+from .runs import (Interrupted, NonFiniteLoss, begin, check_disk, latest_checkpoint, output_lock, run_folder,
+                   stop_on_signals)
 from .trainer import build_trainer
 from .verify import compare, probe_ids
 from .verify import logits as probe_logits
 
 
-def run(recipe) -> Path:
-    """Train the recipe's adapter (or, with method: full, model) and return its folder."""
+def run(recipe, resume: bool = False) -> Path:
+    """Train the recipe's adapter (or, with method: full, model) and return its folder.
+
+    Bad data and a missing model fail before anything is written. The output is locked for the
+    run; checkpoints go to the run folder beside it and are removed once the adapter is published.
+    """
     out = recipe.output_dir
     check_output(out)
     model_name = recipe.model or base_of(recipe.parent)
-    device = resolve_device(recipe.train.device)
-    dtype = resolve_dtype(recipe.train.dtype, device)
-    quantization = _quantization(recipe, dtype)
+    check_causal_lm(model_name, recipe.trust_remote_code)
     tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
     data = prepare(recipe, tokenizer)
     _describe_data(recipe, data)
+    with output_lock(out):
+        checkpoint = begin(out, recipe.to_dict(), resume)
+        try:
+            result = _run(recipe, model_name, tokenizer, data, checkpoint)
+        except BaseException:
+            if latest_checkpoint(run_folder(out)) is None:
+                shutil.rmtree(run_folder(out), ignore_errors=True)  # nothing worth resuming
+            raise
+        shutil.rmtree(run_folder(out), ignore_errors=True)
+        return result
+
+
+def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | None) -> Path:
+    out = recipe.output_dir
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_dtype(recipe.train.dtype, device)
+    quantization = _quantization(recipe, dtype)
     if recipe.trust_remote_code:
         say("trust_remote_code is on: the model's own Python code will run")
     # Full fine-tuning keeps fp32 master weights and trains under autocast; adapters train on a
@@ -48,15 +69,20 @@ def run(recipe) -> Path:
     say(f"{recipe.method} on {model_name} ({_quant_text(quantization)}) on {device}, compute "
         f"{str(dtype).removeprefix('torch.')}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%)")
+    check_disk(out.parent, _disk_needed(recipe, trainable, total), "checkpoints and the adapter")
+    summary = _train(model, tokenizer, data, recipe, out, device, dtype, checkpoint)
+    history, evals = summary.pop("history"), summary.pop("evals")
     staging = staging_folder(out)
     try:
-        summary = _train(model, tokenizer, data, recipe, staging, device, dtype)
         if recipe.method == "full" and dtype != torch.float32:
             model = model.to(dtype)  # the trained weights, saved in the compute dtype
         probe = probe_ids(data.rows)
         expected = probe_logits(model, probe)
         manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype, quantization)
         write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=model_name), manifest)
+        shutil.copy(run_folder(out) / "metrics.jsonl", staging / "metrics.jsonl")
+        if history:
+            plot_loss(history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})", evals)
         del model
         gc.collect()
         manifest["reload_check"] = _check_reload(staging, out, probe, expected, device, dtype)
@@ -64,6 +90,15 @@ def run(recipe) -> Path:
         return publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _disk_needed(recipe, trainable: int, total: int) -> int:
+    """Bytes for the kept checkpoints (weights + AdamW's two moments per trainable parameter) and the
+    output, with a fifth to spare."""
+    weights = (total if recipe.method == "full" else trainable) * 4
+    per_checkpoint = weights + trainable * 8
+    kept = recipe.train.keep_checkpoints if recipe.train.save_steps else 0
+    return int(1.2 * (per_checkpoint * (kept + 1) + weights))
 
 
 def _check_reload(staging: Path, out: Path, probe, expected, device: str, dtype) -> dict:
@@ -114,22 +149,33 @@ def _apply_parent(model, tokenizer, parent: str | None, model_name: str):
     return model
 
 
-def _train(model, tokenizer, data: Prepared, recipe, staging: Path, device: str, dtype) -> dict:
-    trainer, progress = build_trainer(model, tokenizer, data.rows, data.eval_rows, recipe, staging, device, dtype)
-    trainer.train()
+def _train(model, tokenizer, data: Prepared, recipe, out: Path, device: str, dtype, checkpoint) -> dict:
+    stop: dict = {}
+    trainer, progress = build_trainer(model, tokenizer, data.rows, data.eval_rows, recipe, run_folder(out), device,
+                                      dtype, stop)
+    if checkpoint:
+        say(f"resuming from {checkpoint}")
+    try:
+        with stop_on_signals(stop):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLoss as exc:
+        last = latest_checkpoint(run_folder(out))
+        raise NonFiniteLoss(f"{exc}: training stopped before using it. " + (
+            f"The last good checkpoint is {last}: resume with --resume and a lower train.lr" if last else
+            "No checkpoint was written yet: lower train.lr and start again")) from None
+    finally:
+        progress.close()
+    if stop.get("signal"):
+        raise Interrupted(f"{stop['signal']} at step {trainer.state.global_step}: checkpoint written to "
+                          f"{latest_checkpoint(run_folder(out))}; continue with the same command and --resume")
     summary = progress.summary()
     if data.eval_rows:
         if not progress.evals or progress.evals[-1]["step"] != trainer.state.global_step:
             trainer.evaluate()  # the final figures, unless the schedule just evaluated
         summary.update(eval_loss=progress.evals[-1]["eval_loss"], eval_ppl=progress.evals[-1]["eval_ppl"])
-        say(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f} on {len(data.eval_rows)} rows")
-    shutil.rmtree(staging / "trainer", ignore_errors=True)
-    if progress.history:
-        plot_loss(progress.history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})",
-                  progress.evals)
     say(f"loss {summary.get('first_loss', float('nan')):.4f} -> {summary.get('final_loss', float('nan')):.4f} "
         f"in {summary.get('steps', 0)} steps, {summary.get('tokens_per_s')} tokens/s")
-    return summary
+    return {**summary, "history": progress.history, "evals": progress.evals}
 
 
 def _manifest(recipe, model_name: str, base_fingerprint: str, data: Prepared, summary: dict, device, dtype,

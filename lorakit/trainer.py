@@ -10,6 +10,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .data.blocks import Collator
 from .progress import ProgressCallback
+from .runs import NonFiniteLoss
 
 
 class _Trainer(Trainer):
@@ -19,6 +20,13 @@ class _Trainer(Trainer):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Stop at the first NaN or infinite loss, before an optimizer step can use its gradients."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
     def get_eval_dataloader(self, eval_dataset=None):
         training, self.data_collator = self.data_collator, self.eval_collator
         try:
@@ -27,25 +35,28 @@ class _Trainer(Trainer):
             self.data_collator = training
 
 
-def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], recipe, staging: Path, device: str,
-                  dtype) -> tuple[Trainer, ProgressCallback]:
+def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], recipe, run_dir: Path, device: str,
+                  dtype, stop: dict) -> tuple[Trainer, ProgressCallback]:
+    """The Trainer writing checkpoints (and metrics.jsonl) into the run folder."""
     from datasets import Dataset
 
     t = recipe.train
     evaluate = "no" if not eval_rows else ("steps" if t.eval_steps else "epoch")
     args = TrainingArguments(
-        output_dir=str(staging / "trainer"), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        output_dir=str(run_dir), num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.lr, per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
         activation_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps,
         eval_strategy=evaluate, eval_steps=t.eval_steps or None, prediction_loss_only=True,
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        save_total_limit=t.keep_checkpoints, logging_nan_inf_filter=False,
+        report_to="none", disable_tqdm=True, remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
     )
     collator = Collator(tokenizer.pad_token_id)
-    progress = ProgressCallback(staging / "metrics.jsonl", collator)
+    progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop)
     trainer = _Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                        data_collator=collator, eval_collator=Collator(tokenizer.pad_token_id), callbacks=[progress])

@@ -43,5 +43,5 @@ def compare(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype, wh
     limit = tolerance(dtype, expected)
     if not diff <= limit:  # also catches NaN
         raise LorakitError(f"{what}: logits differ by {diff:.3g} from the trained model (limit {limit:g}); "
-                           f"the written weights are not what was trained, so nothing was kept")
+                           f"the written weights are not what was trained, so they were not kept")
     return {"max_logit_diff": diff, "tolerance": limit, "probe_tokens": int(expected.shape[1])}
