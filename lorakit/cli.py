@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -19,7 +20,8 @@ class Group(click.Group):
         except LorakitError as exc:
             if ctx.meta.get("lorakit.debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # several processes: say it once
+                click.echo(f"error: {exc}", err=True)
             sys.exit(getattr(exc, "exit_code", 1))
 
 
@@ -57,13 +59,24 @@ def _recipe(path, overrides):
 @click.argument("overrides", nargs=-1)
 @click.option("--full", is_flag=True, help="Full fine-tune: train every weight (same as method=full).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
-def train(recipe, overrides, full, resume):
+@click.option("--nproc", type=click.IntRange(1), default=1, help="Processes (GPUs) to train with, via torchrun.")
+def train(recipe, overrides, full, resume, nproc):
     """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
     from .train import run
 
     r = _recipe(recipe, overrides + ("method=full",) if full else overrides)
+    if nproc > 1:
+        from .distributed import check_strategy, launch
+        from .modeling import resolve_device
+
+        check_strategy(r.train.strategy, resolve_device(r.train.device))
+        sys.exit(launch(nproc, ["train", recipe, *overrides, *(["--full"] if full else []),
+                                *(["--resume"] if resume else [])]))
     out = run(r, resume=resume)
-    click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
+    from .distributed import is_main
+
+    if is_main():
+        click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
 
 
 @main.command()

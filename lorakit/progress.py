@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ from transformers import TrainerCallback
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One line for the user: from rank 0 only when several processes train together."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 class ProgressCallback(TrainerCallback):
@@ -61,6 +64,8 @@ class ProgressCallback(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        local = self.collator.tokens_in(self.batches)
+        tokens = self.resumed_tokens + _sum_over_processes(local) if logs and "loss" in logs else 0
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
@@ -71,7 +76,6 @@ class ProgressCallback(TrainerCallback):
         if "loss" not in logs:
             return
         elapsed = self.resumed_seconds + time.perf_counter() - self.start
-        tokens = self.resumed_tokens + self.collator.tokens_in(self.batches)
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
@@ -101,6 +105,19 @@ class ProgressCallback(TrainerCallback):
         last = self.history[-1]
         return {"first_loss": self.history[0]["loss"], "final_loss": last["loss"], "steps": last["step"],
                 "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "runtime_s": last["elapsed_s"]}
+
+
+def _sum_over_processes(count: int) -> int:
+    """Real tokens trained by all processes together (every rank logs at the same steps)."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    total = torch.tensor([count], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        total = total.cuda()
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def plot_loss(history: list[dict], out: Path, title: str, evals: list[dict] = ()) -> None:

@@ -27,9 +27,11 @@ def bnb_config(settings: dict):
     require_bitsandbytes()
     if settings["bits"] == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    # FSDP shards the 4-bit weights only when they are stored in the compute dtype, not in uint8.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings["type"],
                               bnb_4bit_use_double_quant=settings["double_quant"],
-                              bnb_4bit_compute_dtype=getattr(torch, settings["compute_dtype"]))
+                              bnb_4bit_compute_dtype=getattr(torch, settings["compute_dtype"]),
+                              bnb_4bit_quant_storage=getattr(torch, settings.get("storage", "uint8")))
 
 
 def describe(quant, compute_dtype: torch.dtype) -> dict:

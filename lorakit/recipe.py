@@ -113,6 +113,9 @@ class TrainSettings:
     for `lorakit train --resume`; 0 turns checkpoints off. Ctrl-C and SIGTERM always checkpoint."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep."""
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
+    """With several processes (--nproc, torchrun, accelerate launch): ddp replicates the model;
+    fsdp shards it (full shard); zero2 / zero3 are DeepSpeed ZeRO stages (needs `pip install deepspeed`)."""
 
     def __post_init__(self):
         if self.lr <= 0:

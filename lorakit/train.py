@@ -14,6 +14,7 @@ from . import __version__
 from .adapters import (adapter_chain, base_of, check_base, check_output, is_full_model, load_for_inference, publish,
                        read_manifest, staging_folder, write_adapter, write_manifest)
 from .data.prepare import Prepared, prepare
+from .distributed import check_ranks_agree, check_world, is_main, local_device, world_size
 from .errors import LorakitError
 from .modeling import (apply_adapter, check_causal_lm, count_parameters, fingerprint, for_training, load_model,
                        load_tokenizer, make_trainable, resolve_device, resolve_dtype)
@@ -32,6 +33,7 @@ def run(recipe, resume: bool = False) -> Path:
     Bad data and a missing model fail before anything is written. The output is locked for the
     run; checkpoints go to the run folder beside it and are removed once the adapter is published.
     """
+    check_world()
     out = recipe.output_dir
     check_output(out)
     model_name = recipe.model or base_of(recipe.parent)
@@ -39,6 +41,9 @@ def run(recipe, resume: bool = False) -> Path:
     tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
     data = prepare(recipe, tokenizer)
     _describe_data(recipe, data)
+    if not is_main():  # other ranks of a distributed run train along; rank 0 owns the output
+        checkpoint = latest_checkpoint(run_folder(out)) if resume else None
+        return _run(recipe, model_name, tokenizer, data, checkpoint)
     with output_lock(out):
         checkpoint = begin(out, recipe.to_dict(), resume)
         try:
@@ -53,7 +58,7 @@ def run(recipe, resume: bool = False) -> Path:
 
 def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | None) -> Path:
     out = recipe.output_dir
-    device = resolve_device(recipe.train.device)
+    device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     quantization = _quantization(recipe, dtype)
     if recipe.trust_remote_code:
@@ -69,9 +74,17 @@ def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | 
     say(f"{recipe.method} on {model_name} ({_quant_text(quantization)}) on {device}, compute "
         f"{str(dtype).removeprefix('torch.')}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%)")
+    t = recipe.train
+    say(f"world size {world_size()}: global batch {t.batch_size} rows x {t.grad_accum} accumulation x "
+        f"{world_size()} processes = {t.batch_size * t.grad_accum * world_size()} rows per step"
+        + (f" ({t.strategy})" if world_size() > 1 else ""))
     check_disk(out.parent, _disk_needed(recipe, trainable, total), "checkpoints and the adapter")
     summary = _train(model, tokenizer, data, recipe, out, device, dtype, checkpoint)
     history, evals = summary.pop("history"), summary.pop("evals")
+    if recipe.train.strategy == "ddp" and (checksum := check_ranks_agree(model)):
+        say(f"all {world_size()} processes hold the same trained weights (checksum {checksum})")
+    if not is_main():
+        return out
     staging = staging_folder(out)
     try:
         if recipe.method == "full" and dtype != torch.float32:
@@ -116,7 +129,10 @@ def _quantization(recipe, dtype) -> dict | None:
     if recipe.parent and not is_full_model(recipe.parent):
         raise LorakitError("method: qlora cannot build on a parent adapter yet (merging it into a quantized "
                            "base would re-quantize it); merge the parent into a model folder first")
-    return describe_quant(recipe.quant, dtype)
+    described = describe_quant(recipe.quant, dtype)
+    if recipe.train.strategy == "fsdp" and recipe.quant.bits == 4:
+        described["storage"] = described["compute_dtype"]
+    return described
 
 
 def _quant_text(quantization: dict | None) -> str:

@@ -9,6 +9,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from .data.blocks import Collator
+from .distributed import check_engine, trainer_options
 from .progress import ProgressCallback
 from .runs import NonFiniteLoss
 
@@ -53,7 +54,7 @@ def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], rec
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.keep_checkpoints, logging_nan_inf_filter=False,
         report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_pin_memory=device == "cuda",
+        dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),
     )
     collator = Collator(tokenizer.pad_token_id)
     progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop)
@@ -61,4 +62,5 @@ def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], rec
                        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                        data_collator=collator, eval_collator=Collator(tokenizer.pad_token_id), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
+    check_engine(trainer, t.strategy)
     return trainer, progress
