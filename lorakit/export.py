@@ -45,7 +45,7 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
         del merged
         gc.collect()
         if verify:
-            report["verify"] = _verify(staging, out, reference, target)
+            report["verify"] = _verify(staging, out, reference, _coarsest(target, sources, onto))
         report.update(_facts(sources, staging, dtype, onto, chat))
         write_manifest(staging, report)
         return {**report, "path": str(publish(staging, out))}
@@ -76,12 +76,22 @@ def _reference(sources, model, onto, force, device) -> tuple[tuple, dict]:
     return (probe, expected), report
 
 
-def _verify(staging: Path, out: Path, reference, target: torch.dtype) -> dict:
+def _coarsest(target: torch.dtype, sources, onto: str) -> torch.dtype:
+    """The precision the comparison can hold to: the export's, or that of the quantized model's
+    compute when the reference is a QLoRA model trained in half precision."""
+    manifests = [read_manifest(s) or {} for s in sources]
+    compute = next((m["quantization"]["compute_dtype"] for m in manifests if m.get("quantization")), None)
+    if onto != "trained" or compute in (None, "float32"):
+        return target
+    return target if target != torch.float32 else getattr(torch, compute)
+
+
+def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict:
     from transformers import AutoModelForCausalLM
 
     probe, expected = reference
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=target)
-    result = compare(expected, logits(reloaded, probe), target, f"verifying {out}")
+    reloaded = AutoModelForCausalLM.from_pretrained(staging)
+    result = compare(expected, logits(reloaded, probe), precision, f"verifying {out}")
     say(f"verified: {out} reloaded with plain transformers matches the adapter on its base "
         f"(max logit difference {result['max_logit_diff']:.3g}, limit {result['tolerance']:.3g})")
     return result

@@ -179,7 +179,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     if not path.is_file():
         raise LorakitError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise LorakitError(f"{path}: not valid YAML ({_first_line(exc)})") from None
     if not isinstance(raw, dict):
@@ -191,6 +191,17 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
         return build(Recipe, raw, "")
     except LorakitError as exc:
         raise LorakitError(f"{path}: {exc}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error, not a silent last-one-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -10,6 +10,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .data.blocks import Collator
 from .distributed import check_engine, trainer_options
+from .loss import install, make_loss, output_head, remove
 from .progress import ProgressCallback
 from .runs import NonFiniteLoss
 
@@ -20,6 +21,17 @@ class _Trainer(Trainer):
     def __init__(self, *args, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With the chunked loss, the output head steps aside for the forward pass only, so that
+        checkpoints, evaluation outside this method and saving all see the model as it is."""
+        if self.compute_loss_func is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        install(self.model)
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            remove(self.model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Stop at the first NaN or infinite loss, before an optimizer step can use its gradients."""
@@ -58,7 +70,9 @@ def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], rec
     )
     collator = Collator(tokenizer.pad_token_id)
     progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop)
+    chunked = t.strategy == "ddp"  # FSDP/DeepSpeed shard the head's weight: leave the loss to the model
     trainer = _Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                       compute_loss_func=make_loss(output_head(model)) if chunked else None,
                        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                        data_collator=collator, eval_collator=Collator(tokenizer.pad_token_id), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints

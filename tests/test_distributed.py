@@ -15,7 +15,8 @@ model: {model}
 output: adapters/{name}
 data: {{path: {data}, max_length: 16}}
 lora: {{r: 8, alpha: 16, dropout: 0.0}}
-train: {{max_steps: 12, lr: 3.0e-3, batch_size: {batch}, warmup_ratio: 0.0, logging_steps: 1, save_steps: 0, seed: 3}}
+train: {{max_steps: 12, lr: 3.0e-3, batch_size: {batch}, warmup_ratio: 0.0, logging_steps: 1, save_steps: 0, seed: 3,
+         dtype: fp32}}
 """
 
 

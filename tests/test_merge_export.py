@@ -14,13 +14,13 @@ method: {method}
 output: {output}
 data: {{path: {data}, max_length: 96}}
 lora: {{r: {r}, alpha: {alpha}, dropout: 0.0}}
-train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0, logging_steps: 20}}
+train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0, logging_steps: 20, dtype: {dtype}}}
 """
 PROBE = torch.tensor([[5, 17, 42, 99, 7, 3, 11, 12]])
 
 
-def _train(folder, name, stage, base, data, method="lora", r=16, alpha=32):
-    recipe = write_recipe(folder / f"{name}.yaml", RECIPE.format(stage=stage, base=base, method=method, r=r,
+def _train(folder, name, stage, base, data, method="lora", r=16, alpha=32, dtype="auto"):
+    recipe = write_recipe(folder / f"{name}.yaml", RECIPE.format(stage=stage, base=base, method=method, r=r, dtype=dtype,
                                                                  alpha=alpha, output=folder / name, data=data))
     lorakit("train", recipe)
     return folder / name
@@ -39,7 +39,7 @@ def trained(tmp_path_factory, tiny_base):
     return {
         "cpt": cpt,
         "sft": _train(folder, "sft", "sft", f"parent: {cpt}", chats),
-        "qlora": _train(folder, "qlora", "cpt", f"model: {tiny_base}", corpus, method="qlora"),
+        "qlora": _train(folder, "qlora", "cpt", f"model: {tiny_base}", corpus, method="qlora", dtype="fp32"),
         "chat8": _train(folder, "chat8", "sft", f"model: {tiny_base}", chats, r=8, alpha=16),
         "chat16": _train(folder, "chat16", "sft", f"model: {tiny_base}", chats),
     }

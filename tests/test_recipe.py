@@ -36,6 +36,7 @@ def test_overrides_reach_any_key_and_read_yaml_numbers(work):
     ("stage: cpt\nmodel: m\ndata: {path: d}\ntrain: {epochs: 0}\n", "train.epochs must be positive"),
     ("stage: cpt\nmodel: m\n", "missing key data"),
     ("stage: cpt\ndata: {path: d}\n", "needs `model`"),
+    ("stage: cpt\nmodel: m\ndata: {path: d}\ntrain: {lr: 0.1}\ntrain: {epochs: 1}\n", "key 'train' is given twice"),
 ])
 def test_mistakes_are_named(work, text, message):
     with pytest.raises(LorakitError, match=message.replace("?", r"\?").replace("(", r"\(")):

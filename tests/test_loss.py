@@ -1,0 +1,39 @@
+"""The chunked loss is the model's own loss, value and gradients, without the full logits."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import lorakit.loss as chunked
+
+
+def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_base, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).train()
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 40))
+    labels = ids.clone()
+    labels[0, :10] = -100  # masked prompt tokens never reach the head
+    labels[1, 30:] = -100
+    reference = model(input_ids=ids, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 16)  # several chunks
+    loss_func = chunked.make_loss(chunked.output_head(model))
+    chunked.install(model)
+    loss = loss_func(model(input_ids=ids), labels)
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5)
+    chunked.remove(model)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_bf16_is_the_cpu_default_only_where_the_cpu_runs_it_natively():
+    from lorakit.modeling import cpu_has_native_bf16, resolve_dtype
+
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype("fp32", "cpu") == torch.float32
