@@ -22,8 +22,8 @@ WORDS = ("kettle lamp river stone garden market harbour winter signal copper lan
          "silver engine valley thunder paper circle planet forest bridge mirror window shadow").split()
 
 
-def documents(count: int = 64, seed: int = 0, low: int = 48, high: int = 800) -> list[str]:
-    """`count` documents of varied length (about low-high words, 64-1024 tokens with the bench tokenizer)."""
+def documents(count: int = 64, seed: int = 0, low: int = 64, high: int = 1000) -> list[str]:
+    """`count` documents of varied length (low-high words: about 64-1024 tokens with the bench tokenizer)."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) + "." for _ in range(count)]
 
@@ -56,3 +56,20 @@ def write_workload(folder: Path) -> tuple[Path, Path]:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def matmul_peak_gflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: float = 3.0) -> float:
+    """The machine's matrix-multiply peak in this dtype, measured now (the MFU denominator)."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9

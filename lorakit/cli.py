@@ -123,6 +123,20 @@ def _base(parent):
     return base_of(parent)
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--budget", help="Memory to fit in, like 8GB: also report the largest batch and sequence that fit.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Plan for this device (default: this machine's).")
+def plan(recipe, overrides, budget, device):
+    """Expected peak memory of a RECIPE's run, part by part, without loading the model."""
+    from .plan import format_plan, parse_size
+    from .plan import plan as make_plan
+
+    r = _recipe(recipe, overrides)
+    click.echo(format_plan(recipe, r, make_plan(r, parse_size(budget) if budget else None, device)))
+
+
 @main.group()
 def data():
     """Prepare data files."""

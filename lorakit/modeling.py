@@ -190,6 +190,21 @@ def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default")
     return model.merge_and_unload() if merge else model
 
 
+def release_memory() -> None:
+    """Give freed memory back: the GPU cache, and on Linux the C heap's free pages (glibc keeps them
+    otherwise, and the next load would stack on top of the last one in the peak)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counting a 4-bit weight by its logical shape, not its packed bytes."""
     def count(p):

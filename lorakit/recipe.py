@@ -53,8 +53,10 @@ class LoraSettings:
     """Rank of each LoRA update."""
     alpha: int = 32
     """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training. Off by default: each module would keep a dropped-out
+    copy of its input for the backward pass (gigabytes at 1024-token batches) for little gain on the
+    few epochs of a fine-tune."""
     target: str | list[str] = "all-linear"
     """Modules to adapt: "all-linear" (every linear layer of the blocks, not the output head) or a
     list of module names such as [q_proj, v_proj]."""
@@ -87,7 +89,11 @@ class TrainSettings:
     batch_size: int = 4
     """Sequences per device per step."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Batches accumulated per optimizer step: an optimizer step sees batch_size x grad_accum rows."""
+    micro_batch_size: int = 0
+    """Rows processed at once; each batch is split into micro-batches of this size (same gradients,
+    accumulated). 0: automatic, about 1024 tokens at once on a CPU (as fast as larger batches there,
+    at a fraction of the memory) and the whole batch on a GPU."""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warm-up."""
     warmup_ratio: float = 0.03
@@ -125,6 +131,9 @@ class TrainSettings:
         for name in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise LorakitError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise LorakitError(f"train.micro_batch_size must divide train.batch_size ({self.batch_size}), "
+                               f"got {self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise LorakitError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -79,6 +79,8 @@ def build_tiny_qwen2(out: str | Path, texts: list[str], *, instruct: bool = True
         bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]] if instruct else ids["<|endoftext|>"],
     )
+    if shape:
+        model = model.to(torch.bfloat16)  # saved as the real Qwen2 checkpoints are
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

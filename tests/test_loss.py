@@ -37,3 +37,27 @@ def test_bf16_is_the_cpu_default_only_where_the_cpu_runs_it_natively():
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resolve_dtype("auto", "cpu") == expected
     assert resolve_dtype("fp32", "cpu") == torch.float32
+
+
+def test_packed_attention_equals_the_masked_attention_it_replaces(tiny_base):
+    """Per-example fused attention gives the logits and gradients of transformers' block-diagonal mask."""
+    from lorakit.attention import restore, use_packed
+    from lorakit.modeling import for_training
+
+    model = for_training(AutoModelForCausalLM.from_pretrained(tiny_base)).train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 12))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 0, 1]])
+    reference = model(input_ids=ids, position_ids=positions).logits
+    reference.square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    previous = use_packed(model)
+    packed = model(input_ids=ids, position_ids=positions).logits
+    packed.square().sum().backward()
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-4)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-4, rtol=1e-3)
+    restore(model, previous)
+    assert model.config._attn_implementation == "sdpa"
