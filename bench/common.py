@@ -73,3 +73,15 @@ def matmul_peak_gflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: 
         a @ b
         count += 1
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def cpt_recipe(model: Path, max_length: int, train: str, method: str = "lora") -> Path:
+    """A CPT recipe on the generated documents, in a fresh temporary folder (its output there too)."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    cpt, _ = write_workload(work)
+    path = work / "bench.yaml"
+    path.write_text(f"stage: cpt\nmodel: {model}\nmethod: {method}\ndata: {{path: {cpt}, max_length: {max_length}}}\n"
+                    f"train: {{{train}}}\noutput: {work / 'out'}\n")
+    return path

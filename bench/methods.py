@@ -14,10 +14,8 @@ import json
 import platform
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from common import ROOT, ensure_model, peak_rss_gib, write_workload
+from common import ROOT, cpt_recipe, ensure_model, peak_rss_gib
 
 METHODS = {"lora": ["method=lora"], "qlora-4bit": ["method=qlora", "quant.bits=4"],
            "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"]}
@@ -30,13 +28,8 @@ def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
     from lorakit.recipe import load_recipe
     from lorakit.train import run
 
-    model = ensure_model(shape)
-    work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
-    cpt, _ = write_workload(work)
-    recipe_file = work / "bench.yaml"
-    recipe_file.write_text(f"stage: cpt\nmodel: {model}\ndata: {{path: {cpt}, max_length: {seq}}}\n"
-                           f"train: {{max_steps: {steps}, batch_size: 1, logging_steps: 1, lr: 1.0e-4, "
-                           f"dtype: {dtype}}}\noutput: {work / 'out'}\n")
+    recipe_file = cpt_recipe(ensure_model(shape), seq, f"max_steps: {steps}, batch_size: 1, logging_steps: 1, "
+                                                        f"lr: 1.0e-4, dtype: {dtype}")
     torch.manual_seed(0)
     out = run(load_recipe(recipe_file, METHODS[method]))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -113,7 +113,7 @@ def markdown_report(model: str, prompts: list[str], table: dict[str, list[str]],
                     mode: str) -> str:
     decoding = "greedy" if sampling.greedy else (f"sampled (temperature {sampling.temperature}, top-k "
                                                  f"{sampling.top_k}, top-p {sampling.top_p}, seed {sampling.seed})")
-    lines = [f"# lorakit compare", "", f"- base model: `{model}`", f"- adapters: {', '.join(list(table)[1:]) or 'none'}",
+    lines = ["# lorakit compare", "", f"- base model: `{model}`", f"- adapters: {', '.join(list(table)[1:]) or 'none'}",
              f"- mode: {mode}; decoding: {decoding}; at most {sampling.max_new_tokens} new tokens", ""]
     for i, prompt in enumerate(prompts):
         lines += [f"## Prompt {i + 1}", "", "> " + prompt.replace("\n", "\n> "), ""]

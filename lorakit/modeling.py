@@ -183,10 +183,11 @@ def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default")
     try:
         model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
     except RuntimeError as exc:
+        lines = str(exc).splitlines()
         if "size mismatch" not in str(exc):
             raise
-        raise LorakitError(f"{folder} does not fit this model: its weight shapes differ "
-                           f"({_short(exc.args[0].splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc)})") from None
+        first = next((line.strip() for line in lines if line.strip().startswith("size mismatch")), lines[0])
+        raise LorakitError(f"{folder} does not fit this model: its weight shapes differ ({first[:300]})") from None
     return model.merge_and_unload() if merge else model
 
 

@@ -18,7 +18,9 @@ GIB = 2**30
 # Fitted on this project's CPU machine (bench/plan_check.py); see bench/RESULTS.md.
 RUNTIME_BYTES = {"cpu": 0.75 * GIB, "cuda": 0.05 * GIB}
 ACTIVATION_PER_TOKEN_LAYER = {"hidden": 16.0, "intermediate": 5.0}  # elements saved, per unit of width
-ATTENTION_SCORES_PER_LAYER = 1.0  # fp32 score matrices kept: heads x seq x seq per sequence
+# bitsandbytes' 4/8-bit matmuls keep more per token for the backward pass, and its dequantization
+# needs workspace: fitted to the QLoRA runs of bench/plan_check.py (1.57x the activations, +0.33 GiB).
+QLORA_ACTIVATION_FACTOR, QLORA_WORKSPACE = 1.57, 0.33 * GIB
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class Shape:
 
     @property
     def params(self) -> int:
-        return self.block_linear_params + self.embedding_params + self.layers * 2 * self.hidden + self.hidden
+        qkv_bias = (self.heads + 2 * self.kv_heads) * self.head_dim  # Qwen2's q/k/v projections have biases
+        return (self.block_linear_params + self.embedding_params + self.layers * (2 * self.hidden + qkv_bias)
+                + self.hidden)
 
 
 def lora_params(shape: Shape, r: int, target) -> int:
@@ -72,22 +76,25 @@ def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: tor
     other = shape.params - shape.block_linear_params
     if method == "qlora":  # linear weights in 4/8 bits (+ scales); the rest in fp32 after k-bit preparation
         weights = shape.block_linear_params * (0.53 if bits == 4 else 1.02) + other * 4
-    elif method == "full":
-        weights = shape.params * 4  # fp32 master weights, autocast computes in the compute dtype
+    elif method == "full":  # fp32 master weights, plus autocast's half-precision copies of them
+        weights = shape.params * (4 + (width if width < 4 else 0))
     else:
         weights = shape.params * width
     trainable = shape.params if method == "full" else lora_params(shape, r, target)
     tokens = batch * seq
+    # Packed fused attention keeps no seq x seq score matrices; what is kept grows with the tokens.
     per_layer = tokens * (ACTIVATION_PER_TOKEN_LAYER["hidden"] * shape.hidden
                           + ACTIVATION_PER_TOKEN_LAYER["intermediate"] * shape.intermediate) * width
-    scores = ATTENTION_SCORES_PER_LAYER * batch * shape.heads * seq * seq * 4
-    activations = shape.layers * (per_layer + scores)
-    checkpointed = shape.layers * tokens * shape.hidden * width + per_layer + scores
+    activations = shape.layers * per_layer
+    checkpointed = shape.layers * tokens * shape.hidden * width + per_layer
+    if method == "qlora":
+        activations, checkpointed = activations * QLORA_ACTIVATION_FACTOR, checkpointed * QLORA_ACTIVATION_FACTOR
+        weights += QLORA_WORKSPACE
     logits = min(tokens, CHUNK_TOKENS) * shape.vocab * (width + 4 + 4)  # chunk logits, fp32 copy, grad
     return {
         "runtime": RUNTIME_BYTES["cuda" if device.startswith("cuda") else "cpu"],
         "weights": weights,
-        "trainable": trainable * 4,
+        "trainable": 0 if method == "full" else trainable * 4,  # full: the fp32 weights are the trainable ones
         "gradients and AdamW state": trainable * 12,
         "activations": checkpointed if checkpointing else activations,
         "logits": logits,
@@ -132,8 +139,10 @@ def plan(recipe, budget: float | None = None, device: str | None = None) -> dict
     device = device or resolve_device(recipe.train.device)
     config = _from_pretrained(AutoConfig.from_pretrained, recipe.model or base_of(recipe.parent), "model",
                               trust_remote_code=recipe.trust_remote_code)
+    from .trainer import micro_batch
+
     shape, settings = Shape.of(config), _settings(recipe, device)
-    batch, seq, ckpt = recipe.train.batch_size, recipe.data.max_length, recipe.train.gradient_checkpointing
+    batch, seq, ckpt = micro_batch(recipe, device), recipe.data.max_length, recipe.train.gradient_checkpointing
     parts = estimate(shape, batch=batch, seq=seq, checkpointing=ckpt, **settings)
     report = {"shape": shape, "device": device, "dtype": settings["dtype"], "batch": batch, "seq": seq,
               "parts": parts, "total": total(parts),
@@ -152,8 +161,8 @@ def format_plan(name: str, recipe, report: dict) -> str:
     gib = lambda b: f"{b / GIB:6.2f} GiB"  # noqa: E731
     s, parts = report["shape"], report["parts"]
     lines = [f"plan for {name}: {recipe.method} on {recipe.model or recipe.parent} ({s.params / 1e6:.0f}M parameters), "
-             f"{str(report['dtype']).removeprefix('torch.')} on {report['device']}, batch {report['batch']} x "
-             f"{report['seq']} tokens"]
+             f"{str(report['dtype']).removeprefix('torch.')} on {report['device']}, {report['batch']} row(s) of "
+             f"{report['seq']} tokens at once (batch {recipe.train.batch_size})"]
     labels = {"runtime": "runtime (torch and libraries)", "weights": "base weights",
               "trainable": f"trainable parameters ({parts['_trainable_params'] / 1e6:.1f}M, fp32)",
               "gradients and AdamW state": "gradients + AdamW state", "activations": "activations",
@@ -169,9 +178,9 @@ def format_plan(name: str, recipe, report: dict) -> str:
         lines.append(f"budget {report['budget'] / GIB:.2f} GiB: {'fits' if fits else 'does NOT fit'}")
         for c in (False, True):
             how = "with" if c else "without"
-            lines.append(f"  {how} checkpointing: largest batch at {report['seq']} tokens: "
-                         f"{report['largest_batch'][c]}; largest sequence at batch {report['batch']}: "
-                         f"{report['largest_seq'][c]}")
+            lines.append(f"  {how} checkpointing: at most {report['largest_batch'][c]} rows of {report['seq']} "
+                         f"tokens at once (train.micro_batch_size); at most {report['largest_seq'][c]} tokens "
+                         f"per row at {report['batch']} row(s) (data.max_length)")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def _not_causal(w, models):
     shutil.copytree(models["base"], folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 400, "d_model": 16}))
     (w / "d.txt").write_text("text")
-    return f"stage: cpt\nmodel: encoder\ndata: {{path: d.txt}}\n"
+    return "stage: cpt\nmodel: encoder\ndata: {path: d.txt}\n"
 
 
 def _other_base_parent(w, models):

@@ -1,6 +1,5 @@
 """Chat data: loss on assistant turns (and their <|im_end|>) only; formats converted; mistakes named."""
 
-import json
 
 import pytest
 from transformers import AutoTokenizer

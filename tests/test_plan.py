@@ -1,0 +1,57 @@
+"""`lorakit plan`: the peak memory of a run, part by part, from the config alone."""
+
+from conftest import lorakit, write_recipe
+from lorakit.plan import Shape, estimate, lora_params, parse_size, total
+
+
+def test_parameter_counts_match_the_model(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.modeling import attach_lora
+    from lorakit.recipe import LoraSettings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    shape = Shape.of(model.config)
+    assert shape.params == model.num_parameters()
+    peft_model = attach_lora(model, LoraSettings(r=8), seed=0)
+    assert lora_params(shape, 8, "all-linear") == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_the_plan_grows_with_the_work_and_checkpointing_saves_memory():
+    from lorakit.tiny import QWEN2_0_5B_SHAPE
+
+    config = type("C", (), {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                            "head_dim": None})
+    assert QWEN2_0_5B_SHAPE["hidden_size"] == config.hidden_size
+    shape = Shape.of(config)
+    assert 490e6 < shape.params < 500e6  # Qwen2-0.5B: 494M
+    import torch
+
+    def peak(**kw):
+        args = dict(method="lora", bits=4, r=16, target="all-linear", dtype=torch.bfloat16, device="cpu", batch=1,
+                    seq=512, checkpointing=False)
+        return total(estimate(shape, **{**args, **kw}))
+
+    assert peak(seq=1024) > peak(seq=512) and peak(batch=2) > peak()
+    assert peak(checkpointing=True) < peak()
+    assert peak(method="qlora") < peak(method="lora", dtype=torch.float32) < peak(method="full", dtype=torch.float32)
+
+
+def test_plan_command_reports_parts_and_what_fits_a_budget(work, corpus, tiny_base):
+    recipe = write_recipe(work / "r.yaml", f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\n")
+    out = lorakit("plan", recipe, "--budget", "8GB").stdout
+    for part in ("base weights", "trainable parameters", "gradients + AdamW state", "activations", "logits",
+                 "expected peak", "without / with activation checkpointing", "budget 8.00 GiB: fits"):
+        assert part in out, out
+    small = lorakit("plan", recipe, "--budget", "1MB").stdout
+    assert "does NOT fit" in small and "at most 0 rows" in small
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("8GiB") == 8 * 2**30
+
+
+def test_train_warns_when_the_plan_exceeds_free_memory(work, corpus, tiny_base, monkeypatch):
+    monkeypatch.setattr("lorakit.plan.free_memory", lambda device: 1024.0)
+    recipe = write_recipe(work / "r.yaml", f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\n"
+                                           f"train: {{max_steps: 1}}\n")
+    result = lorakit("train", recipe)
+    assert "warning: this run is planned to peak at" in result.stderr and "lorakit plan" in result.stderr
