@@ -123,9 +123,10 @@ def load_model(name: str, dtype: torch.dtype, device: str, trust_remote_code: bo
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "causal language model",
                              dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if quantization:
-        from .quant import keep_4bit_layout
+        from .quant import keep_4bit_layout, upcast_unquantized
 
         keep_4bit_layout(model)
+        upcast_unquantized(model)
         return model.eval()
     return model.to(device).eval()
 

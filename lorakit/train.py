@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft.helpers import disable_input_dtype_casting
 
 from . import __version__
@@ -72,10 +73,24 @@ def _warn_if_too_big(recipe) -> None:
 
 
 def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | None) -> Path:
-    out = recipe.output_dir
     device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     quantization = _quantization(recipe, dtype)
+    model, base_fingerprint, attention = _build_model(recipe, model_name, tokenizer, device, dtype, quantization)
+    summary = _train(model, tokenizer, data, recipe, recipe.output_dir, device, dtype, checkpoint)
+    # Training wrapped forward() in autocast; the probe must see the model as later commands load it.
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    restore_attention(model.get_base_model() if hasattr(model, "get_base_model") else model, attention)
+    if recipe.train.strategy == "ddp" and (checksum := check_ranks_agree(model)):
+        say(f"all {world_size()} processes hold the same trained weights (checksum {checksum})")
+    if not is_main():
+        return recipe.output_dir
+    manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype, quantization)
+    return _publish(recipe, model, tokenizer, data, manifest, summary, device, dtype)
+
+
+def _build_model(recipe, model_name: str, tokenizer, device: str, dtype, quantization):
+    """The model ready to train: loaded, parent folded in, packed attention, trainable parameters."""
     if recipe.trust_remote_code:
         say("trust_remote_code is on: the model's own Python code will run")
     # Full fine-tuning keeps fp32 master weights and trains under autocast; adapters train on a
@@ -95,22 +110,24 @@ def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | 
         f"{world_size()} processes = {t.batch_size * t.grad_accum * world_size()} rows per step"
         + (f" ({t.strategy})" if world_size() > 1 else "")
         + (f"; each batch runs as micro-batches of {micro} rows" if micro < t.batch_size else ""))
-    check_disk(out.parent, _disk_needed(recipe, trainable, total), "checkpoints and the adapter")
-    summary = _train(model, tokenizer, data, recipe, out, device, dtype, checkpoint)
-    restore_attention(model.get_base_model() if hasattr(model, "get_base_model") else model, attention)
+    check_disk(recipe.output_dir.parent, _disk_needed(recipe, trainable, total), "checkpoints and the adapter")
+    return model, base_fingerprint, attention
+
+
+def _publish(recipe, model, tokenizer, data: Prepared, manifest: dict, summary: dict, device: str, dtype) -> Path:
+    """Write the adapter (or model) to a staging folder, prove it reloads to the trained logits, rename it
+    into place."""
+    out = recipe.output_dir
     history, evals = summary.pop("history"), summary.pop("evals")
-    if recipe.train.strategy == "ddp" and (checksum := check_ranks_agree(model)):
-        say(f"all {world_size()} processes hold the same trained weights (checksum {checksum})")
-    if not is_main():
-        return out
+    manifest["metrics"] = summary
     staging = staging_folder(out)
     try:
         if recipe.method == "full" and dtype != torch.float32:
             model = model.to(dtype)  # the trained weights, saved in the compute dtype
         probe = probe_ids(data.rows)
         expected = probe_logits(model, probe)
-        manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype, quantization)
-        write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=model_name), manifest)
+        write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=manifest["base_model"]),
+                      manifest)
         shutil.copy(run_folder(out) / "metrics.jsonl", staging / "metrics.jsonl")
         if history:
             plot_loss(history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})", evals)
