@@ -1,0 +1,189 @@
+"""The `lorakit` commands that use a trained model: generate, chat, inspect, eval, compare, serve."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .cli import main
+from .errors import LorakitError
+
+
+def sampling_options(func):
+    @click.option("--greedy", is_flag=True, help="Always take the most likely token (reproducible).")
+    @click.option("--temperature", default=0.8, show_default=True)
+    @click.option("--top-k", default=40, show_default=True)
+    @click.option("--top-p", default=0.95, show_default=True)
+    @click.option("--max-new-tokens", default=128, show_default=True)
+    @click.option("--seed", type=int, help="Seed for sampling.")
+    @click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+    @functools.wraps(func)
+    def wrapper(greedy, temperature, top_k, top_p, max_new_tokens, seed, **kwargs):
+        from .generate import Sampling
+
+        return func(sampling=Sampling(temperature, top_k, top_p, max_new_tokens, greedy, seed), **kwargs)
+    return wrapper
+
+
+def _device_dtype():
+    from .modeling import resolve_device, resolve_dtype
+
+    device = resolve_device()
+    return device, resolve_dtype("auto", device)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", help="Base model: hub id or folder (default: the adapter's base).")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter (or full model) folder to apply.")
+@sampling_options
+def generate(prompt, model, adapter, sampling, force):
+    """Continue PROMPT as raw text."""
+    from .adapters import load_for_inference
+    from .generate import generate_text
+
+    lm, tokenizer, _ = load_for_inference(model, adapter, *_device_dtype(), force)
+    click.echo(prompt + generate_text(lm, tokenizer, prompt, sampling))
+
+
+@main.command()
+@click.option("--model", help="Base model: hub id or folder (default: the first adapter's base).")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter folder, or NAME=FOLDER; repeat to load several and switch with /adapter NAME.")
+@click.option("--prompt", help="Answer this one message (with the first adapter) and exit.")
+@click.option("--system", help="System prompt (default: the one the adapter was trained with).")
+@sampling_options
+def chat(model, adapters, prompt, system, sampling, force):
+    """Chat with a model and its adapters; one-shot with --prompt, interactive otherwise."""
+    from .adapters import is_full_model
+    from .session import Session, parse_entries
+
+    if len(adapters) == 1 and is_full_model(adapters[0]):
+        model, adapters = adapters[0], ()  # a full fine-tune given as --adapter is the model itself
+    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    if prompt is not None:
+        click.echo(_reply(session, [{"role": "user", "content": prompt}], system, sampling))
+        return
+    _chat_loop(session, system, sampling)
+
+
+def _reply(session, messages, system, sampling) -> str:
+    from .generate import chat_reply
+
+    with session.active() as lm:
+        return chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
+                          sampling)
+
+
+def _chat_loop(session, system, sampling) -> None:
+    import time
+
+    history: list[dict] = []
+    click.echo(f"chat with {session.current or 'the base model'}: an empty line or Ctrl-D ends, /reset forgets, "
+               f"/adapters lists, /adapter NAME switches (none: the bare base)")
+    while True:
+        try:
+            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ").strip()
+        except click.exceptions.Abort:  # Ctrl-D / Ctrl-C ends the session quietly
+            return
+        if not line:
+            return
+        if line == "/reset":
+            history = []
+        elif line == "/adapters":
+            click.echo("  ".join(f"*{n}" if n == (session.current or "base") else n for n in session.names))
+        elif line.startswith("/adapter"):
+            start = time.perf_counter()
+            try:
+                session.use(line.removeprefix("/adapter").strip() or None)
+            except LorakitError as exc:
+                click.echo(f"error: {exc}")
+                continue
+            click.echo(f"using {session.current or 'the base model'} ({1000 * (time.perf_counter() - start):.1f} ms)")
+        else:
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": _reply(session, history, system, sampling)})
+            click.echo(f"assistant> {history[-1]['content']}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder to apply.")
+def inspect(model, adapter):
+    """Print MODEL's parameter tensors, totals, and (with --adapter) the trainable share."""
+    from .adapters import load_for_inference
+    from .params import format_table, parameter_table
+
+    import torch
+
+    lm, _, _ = load_for_inference(model, adapter, "cpu", torch.float32)
+    click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
+
+
+def adapters_option(func):
+    return click.option("--adapter", "adapters", multiple=True,
+                        help="Adapter folder, or NAME=FOLDER; repeat for several.")(func)
+
+
+@main.command("eval")
+@click.option("--model", help="Base model (default: the first adapter's base).")
+@adapters_option
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Raw text or conversations.")
+@click.option("--max-length", default=1024, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+def eval_command(model, adapters, data_path, max_length, batch_size, force):
+    """Perplexity of the base and of each adapter on DATA, side by side."""
+    from .evaluate import format_perplexities, perplexities
+    from .session import Session, parse_entries
+
+    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    click.echo(format_perplexities(perplexities(session, data_path, max_length, batch_size)))
+
+
+@main.command()
+@click.option("--model", help="Base model (default: the first adapter's base).")
+@adapters_option
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help=".txt (one per line) or .jsonl.")
+@click.option("-o", "--output", default="compare.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["auto", "chat", "text"]), default="auto", show_default=True,
+              help="auto: chat when an adapter is a chat (SFT) adapter, else text continuation.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+def compare(model, adapters, prompts, output, mode, sample, max_new_tokens, seed, force):
+    """Answer the same prompts with the base and each adapter; write the side-by-side as Markdown."""
+    from pathlib import Path
+
+    from .evaluate import answers, markdown_report, read_prompts
+    from .generate import Sampling
+    from .session import Session, parse_entries
+
+    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    if mode == "auto":
+        stages = {(m or {}).get("stage") for m in session.manifests.values()}
+        mode = "chat" if "sft" in stages or not stages and session.tokenizer.chat_template else "text"
+    sampling = Sampling(max_new_tokens=max_new_tokens, greedy=not sample, seed=seed)
+    texts = read_prompts(prompts)
+    table = answers(session, texts, sampling, mode)
+    Path(output).write_text(markdown_report(session.base_name, texts, table, sampling, mode), encoding="utf-8")
+    click.echo(f"{len(texts)} prompts x {len(table)} models written to {output}")
+
+
+@main.command()
+@click.option("--model", help="Base model (default: the first adapter's base).")
+@adapters_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (local only by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-input-tokens", type=int, help="Refuse longer prompts (default: the model's context).")
+@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+def serve(model, adapters, host, port, max_input_tokens, force):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
+    from .serve import serve as run_server
+    from .session import Session, parse_entries
+
+    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1", err=True)
+    run_server(session, host, port, max_input_tokens)
