@@ -119,6 +119,16 @@ def base_of(folder: str | Path) -> str:
     return config["base_model_name_or_path"]
 
 
+def weights_digest(folder: Path) -> str:
+    """Identifies an adapter by its weights, wherever it was copied (a parent inside its child)."""
+    return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def trained_quantization(manifests) -> dict | None:
+    """The quantized base the adapters were trained on (from their manifests), or None."""
+    return next((m["quantization"] for m in manifests if m and m.get("quantization")), None)
+
+
 def expand_chain(adapters: list[str | Path]) -> list[Path]:
     """The adapters to apply, base-most first, each given adapter's parent copies included once.
 
@@ -128,7 +138,7 @@ def expand_chain(adapters: list[str | Path]) -> list[Path]:
     chain, seen = [], set()
     for adapter in adapters:
         for folder in adapter_chain(adapter):
-            digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+            digest = weights_digest(folder)
             if digest not in seen:
                 seen.add(digest)
                 chain.append(folder)
@@ -168,7 +178,7 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, force: b
         raise LorakitError(f"{full[0]} is a complete model, not an adapter: pass it as --model")
     name = str(full[0]) if full else model or base_of(adapters[0])
     adapters = [] if full else adapters
-    quantization = next((m.get("quantization") for m in manifests if m and m.get("quantization")), None)
+    quantization = trained_quantization(manifests)
     tokenizer = load_tokenizer(name)
     lm = load_model(name, dtype, device, quantization=quantization if quantized and adapters else None)
     for adapter, manifest in zip(adapters, manifests):

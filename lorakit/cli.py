@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -153,20 +152,24 @@ def data_text(folder, output):
     click.echo(f"{count} documents written to {output}")
 
 
+MODEL_OUTPUT_OPTIONS = [
+    click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write."),
+    click.option("--model", help="Base model (default: the one in the adapter's manifest)."),
+    click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+                 help="Dtype of the written weights."),
+    click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard."),
+    click.option("--onto", type=click.Choice(["trained", "original"]), default="trained", show_default=True,
+                 help="QLoRA: merge onto the dequantized weights it trained on, or the original ones."),
+    click.option("--no-verify", is_flag=True, help="Skip reloading OUT and comparing its logits."),
+    click.option("--force", is_flag=True, help="Apply adapters to a base they were not trained on."),
+]
+
+
 def model_output_options(func):
-    @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-    @click.option("--model", help="Base model (default: the one in the adapter's manifest).")
-    @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-                  help="Dtype of the written weights.")
-    @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
-    @click.option("--onto", type=click.Choice(["trained", "original"]), default="trained", show_default=True,
-                  help="QLoRA: merge onto the dequantized weights it trained on, or the original ones.")
-    @click.option("--no-verify", is_flag=True, help="Skip reloading OUT and comparing its logits.")
-    @click.option("--force", is_flag=True, help="Apply adapters to a base they were not trained on.")
-    @functools.wraps(func)
-    def wrapper(**kwargs):
-        return func(**kwargs)
-    return wrapper
+    """The options shared by merge and export."""
+    for option in reversed(MODEL_OUTPUT_OPTIONS):
+        func = option(func)
+    return func
 
 
 def _export(sources, output, model, dtype, shard_size, onto, no_verify, force):

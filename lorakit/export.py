@@ -8,7 +8,6 @@ its base; beyond the dtype's tolerance OUT is removed and the command fails.
 
 from __future__ import annotations
 
-import gc
 import shutil
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import torch
 
 from . import __version__
 from .adapters import (SHARD_SIZE, check_output, is_full_model, load_for_inference, publish, read_manifest,
-                       staging_folder, write_manifest)
+                       staging_folder, trained_quantization, write_manifest)
 from .merge import merged_model
-from .modeling import DTYPES
+from .modeling import DTYPES, release_memory
 from .progress import say
 from .runs import check_disk
 from .verify import compare, logits
@@ -32,21 +31,23 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
     """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`."""
     check_output(out)
     target = DTYPES[dtype]
-    reference, report = _reference(sources, model, onto, force, device) if verify else (None, {})
+    manifests = [read_manifest(s) or {} for s in sources]
+    reference, report = _reference(sources, manifests, model, onto, force, device) if verify else (None, {})
     merged, tokenizer = merged_model(sources, device, torch.float32, onto=onto, model=model, force=force)
     size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
-    chat = _chat_tuned(sources, tokenizer)
+    # chat-tuned anywhere in the chain, or a chat model to begin with
+    chat = "sft" in [m.get("stage") for m in manifests] or tokenizer.eos_token == "<|im_end|>"
     staging = staging_folder(out)
     try:
         _set_stop_tokens(merged, tokenizer, chat)
         merged.to(target).save_pretrained(staging, max_shard_size=shard_size)
         tokenizer.save_pretrained(staging)
         del merged
-        gc.collect()
+        release_memory()
         if verify:
-            report["verify"] = _verify(staging, out, reference, _coarsest(target, sources, onto))
-        report.update(_facts(sources, staging, dtype, onto, chat))
+            report["verify"] = _verify(staging, out, reference, _coarsest(target, manifests, onto))
+        report.update(_facts(sources, manifests, staging, dtype, onto, chat))
         write_manifest(staging, report)
         return {**report, "path": str(publish(staging, out))}
     finally:
@@ -59,14 +60,14 @@ def _probe(tokenizer) -> torch.Tensor:
     return torch.tensor([i[:width] for i in ids])
 
 
-def _reference(sources, model, onto, force, device) -> tuple[tuple, dict]:
+def _reference(sources, manifests, model, onto, force, device) -> tuple[tuple, dict]:
     """Logits of the adapter applied to its base (unmerged, fp32): what OUT must reproduce. With
     --onto original, also how far that drifts from the model the adapter was trained as."""
     lm, tokenizer, _ = load_for_inference(model, sources, device, torch.float32, force, quantized=onto == "trained")
     probe = _probe(tokenizer)
     expected = logits(lm, probe)
     report = {}
-    if onto == "original" and any((read_manifest(s) or {}).get("quantization") for s in sources):
+    if onto == "original" and trained_quantization(manifests):
         del lm
         trained, _, _ = load_for_inference(model, sources, device, torch.float32, force)
         drift = (logits(trained, probe) - expected).abs().max().item()
@@ -76,11 +77,10 @@ def _reference(sources, model, onto, force, device) -> tuple[tuple, dict]:
     return (probe, expected), report
 
 
-def _coarsest(target: torch.dtype, sources, onto: str) -> torch.dtype:
+def _coarsest(target: torch.dtype, manifests, onto: str) -> torch.dtype:
     """The precision the comparison can hold to: the export's, or that of the quantized model's
     compute when the reference is a QLoRA model trained in half precision."""
-    manifests = [read_manifest(s) or {} for s in sources]
-    compute = next((m["quantization"]["compute_dtype"] for m in manifests if m.get("quantization")), None)
+    compute = (trained_quantization(manifests) or {}).get("compute_dtype")
     if onto != "trained" or compute in (None, "float32"):
         return target
     return target if target != torch.float32 else getattr(torch, compute)
@@ -97,12 +97,6 @@ def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict
     return result
 
 
-def _chat_tuned(sources, tokenizer) -> bool:
-    """Trained on conversations anywhere in the chain, or a chat model to begin with."""
-    stages = [(read_manifest(s) or {}).get("stage") for s in sources]
-    return "sft" in stages or tokenizer.eos_token == "<|im_end|>"
-
-
 def _set_stop_tokens(model, tokenizer, chat: bool) -> None:
     """A chat model must stop at <|im_end|>; exported with the base's EOS it never stops."""
     if not chat or "<|im_end|>" not in tokenizer.get_vocab():
@@ -114,9 +108,8 @@ def _set_stop_tokens(model, tokenizer, chat: bool) -> None:
     tokenizer.eos_token = "<|im_end|>"
 
 
-def _facts(sources, staging: Path, dtype: str, onto: str, chat: bool) -> dict:
+def _facts(sources, manifests, staging: Path, dtype: str, onto: str, chat: bool) -> dict:
     size = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
-    manifests = [read_manifest(s) or {} for s in sources]
     say(f"exported {len(list(staging.glob('*.safetensors')))} safetensors shard(s), {size / 2**20:.1f} MiB, "
         f"dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
     return {"lorakit_version": __version__, "kind": "merged", "method": "merged", "dtype": dtype,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .adapters import base_of, check_base, expand_chain, is_full_model, read_manifest
+from .adapters import base_of, check_base, expand_chain, is_full_model, read_manifest, trained_quantization
 from .errors import LorakitError
 from .modeling import apply_adapter, load_model, load_tokenizer
 
@@ -23,8 +23,7 @@ def merged_model(adapters, device: str, dtype, onto: str = "trained", model: str
     if any(is_full_model(a) for a in adapters):
         raise LorakitError("a complete model folder cannot be chained with adapters; pass it as --model")
     manifests = [read_manifest(a) or {} for a in adapters]
-    quantization = next((m["quantization"] for m in manifests if m.get("quantization")), None)
-    quantization = quantization if onto == "trained" else None
+    quantization = trained_quantization(manifests) if onto == "trained" else None
     name = model or base_of(adapters[0])
     tokenizer = load_tokenizer(name)
     base = load_model(name, dtype, device, quantization=quantization)

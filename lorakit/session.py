@@ -9,11 +9,11 @@ child that training saw. Shared parents are loaded once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from pathlib import Path
 
-from .adapters import adapter_chain, base_of, check_base, is_full_model, read_manifest
+from .adapters import (adapter_chain, base_of, check_base, is_full_model, read_manifest, trained_quantization,
+                       weights_digest)
 from .data.chat import template_system_prompt
 from .errors import LorakitError
 from .modeling import load_model, load_tokenizer
@@ -52,7 +52,7 @@ class Session:
             raise LorakitError("these adapters were trained on differently quantized bases; serve them separately")
         self.base_name = model or base_of(next(iter(entries.values())))
         self.tokenizer = load_tokenizer(self.base_name)
-        quantization = next((m.get("quantization") for m in self.manifests.values() if m), None)
+        quantization = trained_quantization(self.manifests.values())
         self.model = load_model(self.base_name, dtype, device, quantization=quantization)
         self.entries: dict[str, list[str]] = {}
         loaded: dict[str, str] = {}
@@ -69,7 +69,7 @@ class Session:
 
         from .modeling import apply_adapter
 
-        digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+        digest = weights_digest(folder)
         if digest not in loaded:
             loaded[digest] = f"a{len(loaded)}"
             if isinstance(self.model, PeftModel):
