@@ -54,25 +54,55 @@ def write_workload(folder: Path) -> tuple[Path, Path]:
     return cpt, sft
 
 
-def peak_rss_gib() -> float:
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_memory_gib() -> float:
+    """The run's peak memory: `torch.cuda.max_memory_allocated` on a GPU, the process's peak RSS on a CPU."""
+    import torch
+
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def matmul_peak_gflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: float = 3.0) -> float:
-    """The machine's matrix-multiply peak in this dtype, measured now (the MFU denominator)."""
+PEAK_KIND = {"cuda": "torch.cuda.max_memory_allocated", "cpu": "peak RSS of the whole process"}
+
+
+def matmul_peak_gflops(dtype_name: str = "bfloat16", seconds: float = 3.0) -> float:
+    """The machine's matrix-multiply peak in this dtype, measured now on this run's device (the MFU
+    denominator): 2048x2048 matmuls on a CPU, 8192x8192 on a GPU."""
     import time
 
     import torch
 
+    where = device()
+    size = 8192 if where == "cuda" else 2048
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, dtype=dtype, device=where) for _ in range(2))
     for _ in range(3):
         a @ b
+    sync = torch.cuda.synchronize if where == "cuda" else (lambda: None)
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+    sync()
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flop_params(model_dir: Path) -> float:
+    """Parameters that cost matmul FLOPs per token: every linear layer and the output head."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.vocab_size * config.hidden_size + config.num_hidden_layers * (
+        4 * config.hidden_size ** 2 * (1 + 2 * config.num_key_value_heads / config.num_attention_heads) / 2
+        + 3 * config.hidden_size * config.intermediate_size)
 
 
 def cpt_recipe(model: Path, max_length: int, train: str, method: str = "lora") -> Path:

@@ -7,7 +7,8 @@ Workloads: CPT on the first --docs documents (64-1024 tokens each), SFT on the f
 conversations (answers 20-400 tokens); LoRA r16 on every linear layer; max length 1024; batch 4; one
 epoch. Each run is a fresh process. Real tokens are non-padding tokens; tokens/s is real tokens over
 the training time (model loading excluded); MFU = 4 x parameters x real tokens / time / the bf16
-matmul peak measured at the start of this run. Peak memory is the whole process's peak RSS.
+matmul peak measured at the start of this run. Peak memory is the whole process's peak RSS on a CPU,
+torch.cuda.max_memory_allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, ensure_model, matmul_peak_gflops, peak_rss_gib, write_workload
+from common import (PEAK_KIND, ROOT, device, ensure_model, flop_params, matmul_peak_gflops, peak_memory_gib,
+                    write_workload)
 
 MAX_LENGTH, BATCH, RANK = 1024, 4, 16
 
@@ -88,7 +90,7 @@ def child(runner: str, stage: str, shape: str, limit: int) -> None:
     model_dir = ensure_model(shape)
     cpt, sft = write_workload(Path(tempfile.mkdtemp()))
     result = (plain if runner == "plain" else lorakit)(stage, model_dir, cpt if stage == "cpt" else sft, limit)
-    result["peak_rss_gib"] = peak_rss_gib()
+    result["peak_gib"] = peak_memory_gib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--shape", default="0.5b")
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--chats", type=int, default=32)
+    parser.add_argument("--stages", default="cpt,sft", help="which workloads, comma-separated")
     parser.add_argument("--child", nargs=4)
     args = parser.parse_args()
     if args.child:
@@ -104,15 +107,13 @@ def main() -> None:
         return child(runner, stage, shape, int(limit))
     model_dir = ensure_model(args.shape)
     peak = matmul_peak_gflops()
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    params = config.vocab_size * config.hidden_size + config.num_hidden_layers * (
-        4 * config.hidden_size ** 2 * (1 + 2 * config.num_key_value_heads / config.num_attention_heads) / 2
-        + 3 * config.hidden_size * config.intermediate_size)
+    params = flop_params(model_dir)
     print(f"bf16 matmul peak {peak:.0f} GFLOP/s; {params / 1e6:.0f}M parameters", file=sys.stderr)
     rows = []
+    stages = args.stages.split(",")
     for stage, limit in (("cpt", args.docs), ("sft", args.chats)):
+        if stage not in stages:
+            continue
         for runner in ("plain", "lorakit"):
             proc = subprocess.run([sys.executable, __file__, "--child", runner, stage, args.shape, str(limit)],
                                   capture_output=True, text=True, cwd=ROOT)
@@ -125,17 +126,18 @@ def main() -> None:
             r["mfu"] = 4 * params * r["tok_s"] / (peak * 1e9)
             rows.append(r)
             print(f"{stage} {runner}: {r}", file=sys.stderr, flush=True)
-    print(f"\nQwen2-{args.shape} shape, random weights; CPT {args.docs} documents, SFT {args.chats} conversations; "
+    print(f"\nOn {device()}; peak memory = {PEAK_KIND[device()]}.")
+    print(f"Qwen2-{args.shape} shape, random weights; CPT {args.docs} documents, SFT {args.chats} conversations; "
           f"LoRA r{RANK} all linear; max length {MAX_LENGTH}; batch {BATCH}; bf16 matmul peak {peak:.0f} GFLOP/s\n")
-    print("| workload | run | real tokens | real tok/s | MFU vs bf16 peak | peak RSS (GiB) |\n|---|---|---|---|---|---|")
+    print("| workload | run | real tokens | real tok/s | MFU vs bf16 peak | peak memory (GiB) |\n|---|---|---|---|---|---|")
     for r in rows:
         name = "plain Trainer+peft script, defaults" if r["runner"] == "plain" else f"lorakit defaults ({r.get('dtype')})"
         print(f"| {r['stage']} | {name} | {r['tokens']} | {r['tok_s']:.1f} | {100 * r['mfu']:.0f}% | "
-              f"{r['peak_rss_gib']:.2f} |")
-    for stage in ("cpt", "sft"):
+              f"{r['peak_gib']:.2f} |")
+    for stage in stages:
         p, l = [r for r in rows if r["stage"] == stage]
         print(f"\n{stage}: lorakit / plain = {l['tok_s'] / p['tok_s']:.2f}x tokens/s at "
-              f"{l['peak_rss_gib'] / p['peak_rss_gib']:.2f}x peak memory")
+              f"{l['peak_gib'] / p['peak_gib']:.2f}x peak memory")
 
 
 if __name__ == "__main__":

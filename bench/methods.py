@@ -15,7 +15,8 @@ import platform
 import subprocess
 import sys
 
-from common import ROOT, cpt_recipe, ensure_model, peak_rss_gib
+from common import (PEAK_KIND, ROOT, cpt_recipe, device, ensure_model, flop_params, matmul_peak_gflops,
+                    peak_memory_gib)
 
 METHODS = {"lora": ["method=lora"], "qlora-4bit": ["method=qlora", "quant.bits=4"],
            "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"]}
@@ -35,7 +36,7 @@ def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = metrics[0], metrics[-1]
     return {"method": method, "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
-            "peak_rss_gib": peak_rss_gib(), "final_loss": last["loss"]}
+            "peak_gib": peak_memory_gib(), "final_loss": last["loss"]}
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.shape, args.seq, args.steps, args.dtype)), flush=True)
         return
-    ensure_model(args.shape)
+    params, peak = flop_params(ensure_model(args.shape)), matmul_peak_gflops()
     rows = []
     for method in args.methods.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", method, "--shape", args.shape, "--seq",
@@ -64,10 +65,12 @@ def main() -> None:
         print(f"{method}: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\nQwen2-{args.shape} shape, random weights, seq {args.seq}, batch 1, {args.steps} steps, "
           f"dtype {args.dtype}, {platform.processor() or platform.machine()}, "
-          f"{__import__('os').cpu_count()} cores\n")
-    print("| method | real tok/s | peak RSS (GiB) |\n|---|---|---|")
+          f"{__import__('os').cpu_count()} cores, on {device()}; bf16 matmul peak {peak:.0f} GFLOP/s; "
+          f"peak memory = {PEAK_KIND[device()]}; MFU counts 4 x parameters per token (6 x for full)\n")
+    print("| method | real tok/s | MFU vs bf16 peak | peak memory (GiB) |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+        mfu = (6 if r["method"] == "full" else 4) * params * r["tokens_per_s"] / (peak * 1e9)
+        print(f"| {r['method']} | {r['tokens_per_s']:.1f} | {100 * mfu:.0f}% | {r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

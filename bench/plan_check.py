@@ -3,8 +3,9 @@
     python bench/plan_check.py          # about 8 minutes on 2 CPU cores
 
 Each configuration trains a few steps on the Qwen2-0.5B shape in a fresh process (batch 1 row of
-the full sequence length, CPT, packed) and reports the whole process's peak RSS next to the plan's
-estimate for the same recipe. The target is within 15%.
+the full sequence length, CPT, packed) and reports its peak memory (the whole process's peak RSS on a
+CPU, torch.cuda.max_memory_allocated on a GPU) next to the plan's estimate for the same recipe. The
+target is within 15%. On a GPU the sequence lengths are 1024 and 4096.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, cpt_recipe, ensure_model, peak_rss_gib
+from common import PEAK_KIND, ROOT, cpt_recipe, device, ensure_model, peak_memory_gib
 
-CONFIGS = [("lora", 512), ("lora", 1024), ("qlora", 512), ("qlora", 1024), ("full", 512), ("full", 1024)]
+METHODS = ("lora", "qlora", "full")
+SEQS = {"cpu": (512, 1024), "cuda": (1024, 4096)}
 
 
 def recipe_file(method: str, seq: int, shape: str) -> Path:
@@ -32,7 +34,7 @@ def child(method: str, seq: int, shape: str) -> None:
     estimate = plan(recipe)
     run(recipe)
     parts = {k: v / 2**30 for k, v in estimate["parts"].items() if not k.startswith("_")}
-    print("RESULT " + json.dumps({"measured": peak_rss_gib(), "planned": estimate["total"] / 2**30, "parts": parts}))
+    print("RESULT " + json.dumps({"measured": peak_memory_gib(), "planned": estimate["total"] / 2**30, "parts": parts}))
 
 
 def main() -> None:
@@ -41,7 +43,7 @@ def main() -> None:
     shape = sys.argv[1] if len(sys.argv) > 1 else "0.5b"
     ensure_model(shape)
     rows = []
-    for method, seq in CONFIGS:
+    for method, seq in [(m, s) for m in METHODS for s in SEQS[device()]]:
         proc = subprocess.run([sys.executable, __file__, "--child", method, str(seq), shape], capture_output=True,
                               text=True, cwd=ROOT)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -51,7 +53,8 @@ def main() -> None:
         r = json.loads(line[0][7:])
         rows.append((method, seq, r))
         print(f"{method} {seq}: {r}", file=sys.stderr, flush=True)
-    print(f"\nQwen2-{shape} shape, CPT, batch 1, dtype auto, 3 steps; whole-process peak RSS\n")
+    print(f"\nQwen2-{shape} shape, CPT, batch 1, dtype auto, 3 steps, on {device()}; "
+          f"measured = {PEAK_KIND[device()]}\n")
     print("| method | seq | planned (GiB) | measured (GiB) | planned / measured |\n|---|---|---|---|---|")
     for method, seq, r in rows:
         print(f"| {method} | {seq} | {r['planned']:.2f} | {r['measured']:.2f} | {r['planned'] / r['measured']:.2f} |")

@@ -30,22 +30,19 @@ def _segments(positions: torch.Tensor) -> list[tuple[int, int]]:
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query [batch, heads, seq, dim]; key/value [batch, kv_heads, seq, dim]. Returns [batch, seq, heads, dim]."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # Grouped key/value heads go in as they are (enable_gqa), not copied out to every query head.
+    options = {"dropout_p": dropout if module.training else 0.0, "is_causal": True, "scale": scaling,
+               "enable_gqa": query.shape[1] != key.shape[1]}
     position_ids = kwargs.get("position_ids")
-    dropout = dropout if module.training else 0.0
     if position_ids is None or query.shape[2] != key.shape[2]:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2).contiguous(), None
     positions = position_ids.expand(query.shape[0], -1)
     rows = []
     for b in range(query.shape[0]):
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                 value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                 scale=scaling)
-                  for s, e in _segments(positions[b])]
-        rows.append(torch.cat(pieces, dim=2))
+        # split, not slicing: its backward joins the pieces' gradients instead of adding zero-padded copies
+        sizes = [e - s for s, e in _segments(positions[b])]
+        pieces = zip(*(t[b:b + 1].split(sizes, dim=2) for t in (query, key, value)))
+        rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, **options) for q, k, v in pieces], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 

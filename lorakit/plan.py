@@ -90,7 +90,7 @@ def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: tor
     if method == "qlora":
         activations, checkpointed = activations * QLORA_ACTIVATION_FACTOR, checkpointed * QLORA_ACTIVATION_FACTOR
         weights += QLORA_WORKSPACE
-    logits = min(tokens, CHUNK_TOKENS) * shape.vocab * (width + 4 + 4)  # chunk logits, fp32 copy, grad
+    logits = min(tokens, CHUNK_TOKENS) * shape.vocab * (4 + 4 + width)  # chunk logits and softmax in fp32, grad
     return {
         "runtime": RUNTIME_BYTES["cuda" if device.startswith("cuda") else "cpu"],
         "weights": weights,

@@ -14,6 +14,7 @@ from peft.helpers import disable_input_dtype_casting
 from . import __version__
 from .adapters import (adapter_chain, base_of, check_base, check_output, is_full_model, load_for_inference, publish,
                        read_manifest, staging_folder, write_adapter, write_manifest)
+from .allocator import keep_freed_memory
 from .data.prepare import Prepared, prepare
 from .attention import restore as restore_attention
 from .attention import use_packed as use_packed_attention
@@ -76,6 +77,8 @@ def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | 
     device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     quantization = _quantization(recipe, dtype)
+    if device == "cpu":
+        keep_freed_memory()
     model, base_fingerprint, attention = _build_model(recipe, model_name, tokenizer, device, dtype, quantization)
     summary = _train(model, tokenizer, data, recipe, recipe.output_dir, device, dtype, checkpoint)
     # Training wrapped forward() in autocast; the probe must see the model as later commands load it.

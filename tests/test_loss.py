@@ -61,3 +61,17 @@ def test_packed_attention_equals_the_masked_attention_it_replaces(tiny_base):
             torch.testing.assert_close(param.grad, expected[name], atol=1e-4, rtol=1e-3)
     restore(model, previous)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_loss_stays_finite_where_a_target_probability_underflows():
+    """A target 200 logits below the best one: fp32 softmax gives it probability 0, the loss must not be inf."""
+    head = torch.nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(6, 4) * 100)
+    hidden = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([1, 2])
+    loss = chunked.make_loss(head)(type("Out", (), {"logits": torch.cat([hidden, hidden[:1]])[None]})(),
+                                   torch.tensor([[-100, 1, 2]]))
+    reference = torch.nn.functional.cross_entropy(head(hidden), targets)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference)
