@@ -1,4 +1,4 @@
-"""The chunked loss is the model's own loss, value and gradients, without the full logits."""
+"""The fast training path computes what the plain path computes: loss, gradients, attention."""
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -75,3 +75,11 @@ def test_the_loss_stays_finite_where_a_target_probability_underflows():
     reference = torch.nn.functional.cross_entropy(head(hidden), targets)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, reference)
+
+
+def test_cpu_training_keeps_freed_memory_where_the_c_library_is_glibc():
+    import platform
+
+    from lorakit.allocator import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
