@@ -158,16 +158,17 @@ def check_base(adapter: str | Path, manifest: dict | None, model, tokenizer, nam
 
 
 def load_for_inference(model: str | None, adapters, device: str, dtype, force: bool = False,
-                       quantized: bool = True):
+                       quantized: bool = True, merge: bool = False):
     """Base model (from --model, or the first adapter's manifest) with the adapter chain applied.
 
-    `adapters` is a folder or a list of folders (a chain; parents are applied first). A full model
-    folder stands for the model itself. A QLoRA adapter is applied to the same quantized base it was
-    trained against unless `quantized` is False (the original weights). Returns (model, tokenizer,
-    manifest of the last adapter or None). Refuses a base whose fingerprint differs from the one an
-    adapter was trained on, unless `force`.
+    `adapters` is a folder or a list of folders (a chain; parents are applied first and merged; the
+    last stays a peft adapter unless `merge`). A full model folder stands for the model itself. A QLoRA
+    adapter is applied to the same quantized base it was trained against unless `quantized` is False
+    (the original weights); with `merge` that base is dequantized first, so the sum is never
+    re-quantized. Returns (model, tokenizer, manifest of the last adapter or None). Refuses a base whose
+    fingerprint differs from the one an adapter was trained on, unless `force`.
     """
-    from .modeling import apply_adapter, load_model, load_tokenizer
+    from .modeling import load_model, load_tokenizer
 
     adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters or [])
     if model is None and not adapters:
@@ -178,12 +179,25 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, force: b
         raise LorakitError(f"{full[0]} is a complete model, not an adapter: pass it as --model")
     name = str(full[0]) if full else model or base_of(adapters[0])
     adapters = [] if full else adapters
-    quantization = trained_quantization(manifests)
+    quantization = trained_quantization(manifests) if quantized and adapters else None
     tokenizer = load_tokenizer(name)
-    lm = load_model(name, dtype, device, quantization=quantization if quantized and adapters else None)
+    lm = load_model(name, dtype, device, quantization=quantization)
+    if merge and quantization:
+        lm = lm.dequantize(dtype=dtype)
+    lm = apply_chain(lm, adapters, tokenizer, name, force, merge, manifests)
+    return lm.eval(), tokenizer, manifests[-1] if manifests else None
+
+
+def apply_chain(lm, adapters: list, tokenizer, name: str, force: bool = False, merge: bool = False,
+                manifests: list | None = None):
+    """Check that each adapter was trained on this base, then apply the chain base-most first: parents
+    merged into the weights, the last kept as a peft adapter unless `merge`."""
+    from .modeling import apply_adapter
+
+    manifests = manifests if manifests is not None else [read_manifest(a) for a in adapters]
     for adapter, manifest in zip(adapters, manifests):
         check_base(adapter, manifest, lm, tokenizer, name, force)
     chain = expand_chain(adapters)
     for index, folder in enumerate(chain):
-        lm = apply_adapter(lm, folder, merge=index < len(chain) - 1)
-    return lm.eval(), tokenizer, manifests[-1] if manifests else None
+        lm = apply_adapter(lm, folder, merge=merge or index < len(chain) - 1)
+    return lm

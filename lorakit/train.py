@@ -12,15 +12,15 @@ from accelerate.utils import extract_model_from_parallel
 from peft.helpers import disable_input_dtype_casting
 
 from . import __version__
-from .adapters import (adapter_chain, base_of, check_base, check_output, is_full_model, load_for_inference, publish,
-                       read_manifest, staging_folder, write_adapter, write_manifest)
+from .adapters import (apply_chain, base_of, check_output, is_full_model, load_for_inference, publish, read_manifest,
+                       staging_folder, write_adapter, write_manifest)
 from .allocator import keep_freed_memory
 from .data.prepare import Prepared, prepare
 from .attention import restore as restore_attention
 from .attention import use_packed as use_packed_attention
 from .distributed import check_ranks_agree, check_world, is_main, local_device, world_size
 from .errors import LorakitError
-from .modeling import (apply_adapter, check_causal_lm, count_parameters, fingerprint, for_training, load_model,
+from .modeling import (check_causal_lm, count_parameters, fingerprint, for_training, load_model,
                        load_tokenizer, make_trainable, release_memory, resolve_device, resolve_dtype)
 from .progress import plot_loss, say
 from .quant import describe as describe_quant
@@ -195,12 +195,7 @@ def _describe_data(recipe, data: Prepared) -> None:
 
 def _apply_parent(model, tokenizer, parent: str | None, model_name: str):
     """Fold the parent adapter chain into the base weights, after checking it was trained on this base."""
-    if not parent:
-        return model
-    check_base(parent, read_manifest(parent), model, tokenizer, model_name, force=False)
-    for folder in adapter_chain(parent):
-        model = apply_adapter(model, folder, merge=True)
-    return model
+    return apply_chain(model, [parent], tokenizer, model_name, merge=True) if parent else model
 
 
 def _train(model, tokenizer, data: Prepared, recipe, out: Path, device: str, dtype, checkpoint) -> dict:

@@ -31,14 +31,13 @@ def _row(pieces: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def stream_blocks(examples: list[Example], max_length: int, packing: bool) -> tuple[list[dict], int]:
+def stream_blocks(examples: list[Example], max_length: int, packing: bool) -> list[dict]:
     """CPT rows: documents cut into blocks of max_length, never truncated.
 
-    With packing, documents run on into the next one so every block but the last is full. Returns
-    the rows and the number of documents longer than max_length (split across blocks).
+    With packing, documents run on into the next one so every block but the last is full (documents
+    longer than max_length are split across blocks; `prepare` says how many).
     """
     rows, pieces, room = [], [], max_length
-    split = sum(len(e.input_ids) > max_length for e in examples)
     for example in examples:
         start = 0
         while start < len(example.input_ids):
@@ -51,7 +50,7 @@ def stream_blocks(examples: list[Example], max_length: int, packing: bool) -> tu
                 pieces, room = [], max_length
     if pieces:
         rows.append(_row(pieces))
-    return rows, split
+    return rows
 
 
 def pack_examples(examples: list[Example], max_length: int, packing: bool) -> list[dict]:

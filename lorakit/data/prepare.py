@@ -51,7 +51,7 @@ def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: s
 
 def to_rows(stage: str, examples: list[Example], max_length: int, packing: bool) -> list[dict]:
     if stage == "cpt":
-        return stream_blocks(examples, max_length, packing)[0]
+        return stream_blocks(examples, max_length, packing)
     return pack_examples(examples, max_length, packing)
 
 
