@@ -72,8 +72,9 @@ def train(recipe, overrides, full, resume, nproc):
         sys.exit(launch(nproc, ["train", recipe, *overrides, *(["--full"] if full else []),
                                 *(["--resume"] if resume else [])]))
     out = run(r, resume=resume)
-    from .distributed import is_main
+    from .distributed import end_process_group, is_main
 
+    end_process_group()
     if is_main():
         click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
 
@@ -99,12 +100,13 @@ def validate(recipe, overrides):
 @click.option("-n", "--examples", default=2, show_default=True, help="How many examples to show.")
 def preview(recipe, overrides, examples):
     """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
+    from .adapters import base_of
     from .data.prepare import prepare
     from .data.preview import counts, spans
     from .modeling import load_tokenizer
 
     r = _recipe(recipe, overrides)
-    tokenizer = load_tokenizer(r.model or _base(r.parent))
+    tokenizer = load_tokenizer(r.model or base_of(r.parent))
     data = prepare(r, tokenizer)
     for example in data.examples[:examples]:
         click.echo(click.style(f"--- {example.where}", bold=True))
@@ -114,12 +116,6 @@ def preview(recipe, overrides, examples):
     click.echo(f"{len(data.examples)} examples: {trained:,} trained tokens, {masked:,} masked tokens")
     for note in data.notes:
         click.echo(note)
-
-
-def _base(parent):
-    from .adapters import base_of
-
-    return base_of(parent)
 
 
 @main.command()

@@ -51,6 +51,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command, env=env)
 
 
+def end_process_group() -> None:
+    """Shut the process group down before the process exits: a rank that left with gloo's threads
+    still running aborted at exit now and then ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_world() -> None:
     """Refuse a run that asked for N processes but got another number (a launcher quietly running one)."""
     expected = os.environ.get(EXPECTED)
