@@ -95,14 +95,14 @@ def matmul_peak_gflops(dtype_name: str = "bfloat16", seconds: float = 3.0) -> fl
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def flop_params(model_dir: Path) -> float:
-    """Parameters that cost matmul FLOPs per token: every linear layer and the output head."""
+def flop_params(model_dir: Path) -> int:
+    """Parameters that cost matmul FLOPs per token: every linear layer of the blocks and the output head."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    return config.vocab_size * config.hidden_size + config.num_hidden_layers * (
-        4 * config.hidden_size ** 2 * (1 + 2 * config.num_key_value_heads / config.num_attention_heads) / 2
-        + 3 * config.hidden_size * config.intermediate_size)
+    from lorakit.plan import Shape
+
+    shape = Shape.of(AutoConfig.from_pretrained(model_dir))
+    return shape.block_linear_params + shape.vocab * shape.hidden
 
 
 def cpt_recipe(model: Path, max_length: int, train: str, method: str = "lora") -> Path:

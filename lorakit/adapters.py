@@ -145,16 +145,15 @@ def expand_chain(adapters: list[str | Path]) -> list[Path]:
     return chain
 
 
-def check_base(adapter: str | Path, manifest: dict | None, model, tokenizer, name: str, force: bool) -> None:
-    """Stop when an adapter is applied to a base other than the one it was trained on."""
-    from .modeling import fingerprint
-
+def check_base(adapter: str | Path, manifest: dict | None, base_fingerprint: str, name: str, force: bool) -> None:
+    """Stop when an adapter is applied to a base other than the one it was trained on (`base_fingerprint`:
+    modeling.fingerprint of the loaded base)."""
     if not manifest or "base_fingerprint" not in manifest:
         say(f"warning: {adapter} has no lorakit manifest (a plain peft adapter?): its base could not be checked")
-    elif manifest.get("base_fingerprint") != fingerprint(model.config, tokenizer) and not force:
+    elif manifest.get("base_fingerprint") != base_fingerprint and not force:
         raise LorakitError(f"{adapter} was trained on {manifest['base_model']} (fingerprint "
                            f"{manifest.get('base_fingerprint')}), and {name} is a different model (fingerprint "
-                           f"{fingerprint(model.config, tokenizer)}); use --force to apply it anyway")
+                           f"{base_fingerprint}); use --force to apply it anyway")
 
 
 def load_for_inference(model: str | None, adapters, device: str, dtype, force: bool = False,
@@ -168,7 +167,7 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, force: b
     re-quantized. Returns (model, tokenizer, manifest of the last adapter or None). Refuses a base whose
     fingerprint differs from the one an adapter was trained on, unless `force`.
     """
-    from .modeling import load_model, load_tokenizer
+    from .modeling import fingerprint, load_model, load_tokenizer
 
     adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters or [])
     if model is None and not adapters:
@@ -184,11 +183,12 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, force: b
     lm = load_model(name, dtype, device, quantization=quantization)
     if merge and quantization:
         lm = lm.dequantize(dtype=dtype)
-    lm = apply_chain(lm, adapters, tokenizer, name, force, merge, manifests)
+    if adapters:
+        lm = apply_chain(lm, adapters, fingerprint(lm.config, tokenizer), name, force, merge, manifests)
     return lm.eval(), tokenizer, manifests[-1] if manifests else None
 
 
-def apply_chain(lm, adapters: list, tokenizer, name: str, force: bool = False, merge: bool = False,
+def apply_chain(lm, adapters: list, base_fingerprint: str, name: str, force: bool = False, merge: bool = False,
                 manifests: list | None = None):
     """Check that each adapter was trained on this base, then apply the chain base-most first: parents
     merged into the weights, the last kept as a peft adapter unless `merge`."""
@@ -196,7 +196,7 @@ def apply_chain(lm, adapters: list, tokenizer, name: str, force: bool = False, m
 
     manifests = manifests if manifests is not None else [read_manifest(a) for a in adapters]
     for adapter, manifest in zip(adapters, manifests):
-        check_base(adapter, manifest, lm, tokenizer, name, force)
+        check_base(adapter, manifest, base_fingerprint, name, force)
     chain = expand_chain(adapters)
     for index, folder in enumerate(chain):
         lm = apply_adapter(lm, folder, merge=merge or index < len(chain) - 1)

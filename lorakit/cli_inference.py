@@ -10,6 +10,9 @@ from .cli import main
 from .errors import LorakitError
 
 
+force_option = click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+
+
 def sampling_options(func):
     @click.option("--greedy", is_flag=True, help="Always take the most likely token (reproducible).")
     @click.option("--temperature", default=0.8, show_default=True)
@@ -17,7 +20,7 @@ def sampling_options(func):
     @click.option("--top-p", default=0.95, show_default=True)
     @click.option("--max-new-tokens", default=128, show_default=True)
     @click.option("--seed", type=int, help="Seed for sampling.")
-    @click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
+    @force_option
     @functools.wraps(func)
     def wrapper(greedy, temperature, top_k, top_p, max_new_tokens, seed, **kwargs):
         from .generate import Sampling
@@ -57,11 +60,10 @@ def generate(prompt, model, adapter, sampling, force):
 def chat(model, adapters, prompt, system, sampling, force):
     """Chat with a model and its adapters; one-shot with --prompt, interactive otherwise."""
     from .adapters import is_full_model
-    from .session import Session, parse_entries
 
     if len(adapters) == 1 and is_full_model(adapters[0]):
         model, adapters = adapters[0], ()  # a full fine-tune given as --adapter is the model itself
-    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    session = _session(model, adapters, force)
     if prompt is not None:
         click.echo(_reply(session, [{"role": "user", "content": prompt}], system, sampling))
         return
@@ -121,30 +123,35 @@ def inspect(model, adapter):
     click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
 
 
-def adapters_option(func):
-    return click.option("--adapter", "adapters", multiple=True,
+def session_options(func):
+    """--model, --adapter (repeatable) and --force: what eval, compare and serve load (`_session`)."""
+    func = force_option(func)
+    func = click.option("--adapter", "adapters", multiple=True,
                         help="Adapter folder, or NAME=FOLDER; repeat for several.")(func)
+    return click.option("--model", help="Base model (default: the first adapter's base).")(func)
+
+
+def _session(model, adapters, force):
+    from .session import Session, parse_entries
+
+    return Session(model, parse_entries(adapters), *_device_dtype(), force)
 
 
 @main.command("eval")
-@click.option("--model", help="Base model (default: the first adapter's base).")
-@adapters_option
+@session_options
 @click.option("--data", "data_path", required=True, type=click.Path(), help="Raw text or conversations.")
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
-@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
-def eval_command(model, adapters, data_path, max_length, batch_size, force):
+def eval_command(model, adapters, force, data_path, max_length, batch_size):
     """Perplexity of the base and of each adapter on DATA, side by side."""
     from .evaluate import format_perplexities, perplexities
-    from .session import Session, parse_entries
 
-    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    session = _session(model, adapters, force)
     click.echo(format_perplexities(perplexities(session, data_path, max_length, batch_size)))
 
 
 @main.command()
-@click.option("--model", help="Base model (default: the first adapter's base).")
-@adapters_option
+@session_options
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help=".txt (one per line) or .jsonl.")
 @click.option("-o", "--output", default="compare.md", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(["auto", "chat", "text"]), default="auto", show_default=True,
@@ -152,16 +159,14 @@ def eval_command(model, adapters, data_path, max_length, batch_size, force):
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
-def compare(model, adapters, prompts, output, mode, sample, max_new_tokens, seed, force):
+def compare(model, adapters, force, prompts, output, mode, sample, max_new_tokens, seed):
     """Answer the same prompts with the base and each adapter; write the side-by-side as Markdown."""
     from pathlib import Path
 
     from .evaluate import answers, markdown_report, read_prompts
     from .generate import Sampling
-    from .session import Session, parse_entries
 
-    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    session = _session(model, adapters, force)
     if mode == "auto":
         stages = {(m or {}).get("stage") for m in session.manifests.values()}
         mode = "chat" if "sft" in stages or not stages and session.tokenizer.chat_template else "text"
@@ -173,17 +178,14 @@ def compare(model, adapters, prompts, output, mode, sample, max_new_tokens, seed
 
 
 @main.command()
-@click.option("--model", help="Base model (default: the first adapter's base).")
-@adapters_option
+@session_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (local only by default).")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--max-input-tokens", type=int, help="Refuse longer prompts (default: the model's context).")
-@click.option("--force", is_flag=True, help="Apply adapters even to a base they were not trained on.")
-def serve(model, adapters, host, port, max_input_tokens, force):
+def serve(model, adapters, force, host, port, max_input_tokens):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
     from .serve import serve as run_server
-    from .session import Session, parse_entries
 
-    session = Session(model, parse_entries(adapters), *_device_dtype(), force)
+    session = _session(model, adapters, force)
     click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1", err=True)
     run_server(session, host, port, max_input_tokens)

@@ -15,7 +15,7 @@ from .adapters import (base_of, check_adapter_folder, check_output, publish, rea
 from .errors import LorakitError
 from .modeling import apply_adapter, load_model, load_tokenizer
 from .progress import say
-from .verify import compare, logits
+from .verify import compare, logits, text_probe
 
 # cat is exact: the new adapter's update is the weighted sum of the inputs' updates (rank = sum of ranks).
 # linear mixes A and B matrices separately, so its product carries cross terms: a blend, not a sum.
@@ -27,13 +27,12 @@ def _configs(adapters: list[str]) -> list[dict]:
     return [json.loads((check_adapter_folder(a) / "adapter_config.json").read_text()) for a in adapters]
 
 
-def refuse_if_wrong(adapters: list[str], weights: list[float], combination: str) -> None:
+def refuse_if_wrong(adapters: list[str], manifests: list[dict], weights: list[float], combination: str) -> None:
     """The checks peft does not make, each with its reason."""
     if len(adapters) < 2:
         raise LorakitError("a weighted combination needs at least two --adapter")
     if len(weights) != len(adapters):
         raise LorakitError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
-    manifests = [read_manifest(a) or {} for a in adapters]
     prints = {m.get("base_fingerprint") for m in manifests}
     if len(prints) > 1:
         raise LorakitError("the adapters were trained on different base models; their updates cannot be added")
@@ -56,9 +55,9 @@ def refuse_if_wrong(adapters: list[str], weights: list[float], combination: str)
 def combine(adapters: list[str], weights: list[float], out: Path, combination: str = "cat",
             device: str = "cpu", density: float = 0.5) -> dict:
     """Write the weighted combination as a new adapter that plain peft loads."""
-    refuse_if_wrong(adapters, weights, combination)
-    check_output(out)
     manifests = [read_manifest(a) or {} for a in adapters]
+    refuse_if_wrong(adapters, manifests, weights, combination)
+    check_output(out)
     name = base_of(adapters[0])
     tokenizer = load_tokenizer(name)
     base = load_model(name, torch.float32, device, quantization=manifests[0].get("quantization"))
@@ -99,9 +98,7 @@ def _exact_mix_logits(model, names: list[str], weights: list[float], tokenizer):
     """Logits of base + sum_i w_i * update_i: every adapter active at once, each scaled by its weight."""
     from peft.tuners.lora import LoraLayer
 
-    from .export import _probe
-
-    probe = _probe(tokenizer)
+    probe = text_probe(tokenizer)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     saved = [dict(layer.scaling) for layer in layers]
     for layer in layers:

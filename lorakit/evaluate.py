@@ -47,14 +47,15 @@ def perplexities(session, path: str, max_length: int, batch_size: int = 4) -> li
     Raw text counts every token; conversations count assistant tokens only, each rendered with the
     system prompt its adapter was trained with."""
     kind = data_kind(path)
-    results = []
+    results, rows = [], {}  # rows per system prompt: the data is read and tokenized once for each
     for name in session.names:
         session.use(name)
         system = session.system_prompt() if kind == "sft" else None
-        examples = load_examples(kind, path, session.tokenizer, max_length, system)[0]
+        if system not in rows:
+            examples = load_examples(kind, path, session.tokenizer, max_length, system)[0]
+            rows[system] = to_rows(kind, examples, max_length, packing=True)
         with session.active() as model:
-            loss, tokens = mean_loss(model, to_rows(kind, examples, max_length, packing=True),
-                                     session.tokenizer.pad_token_id, batch_size)
+            loss, tokens = mean_loss(model, rows[system], session.tokenizer.pad_token_id, batch_size)
         results.append({"name": name, "loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens,
                         "counted": "every token" if kind == "cpt" else "assistant tokens"})
     return results

@@ -20,10 +20,7 @@ from .merge import merged_model
 from .modeling import DTYPES, release_memory
 from .progress import say
 from .runs import check_disk
-from .verify import compare, logits
-
-PROBE_TEXT = ["The quick brown fox jumps over the lazy dog. 你好，世界。", "Hello, how are you today?"]
-
+from .verify import compare, logits, text_probe
 
 def export(sources: list[str], out: Path, *, model: str | None = None, dtype: str = "bf16",
            shard_size: str = SHARD_SIZE, onto: str = "trained", verify: bool = True, force: bool = False,
@@ -54,17 +51,11 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _probe(tokenizer) -> torch.Tensor:
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROBE_TEXT]
-    width = min(len(i) for i in ids)
-    return torch.tensor([i[:width] for i in ids])
-
-
 def _reference(sources, manifests, model, onto, force, device) -> tuple[tuple, dict]:
     """Logits of the adapter applied to its base (unmerged, fp32): what OUT must reproduce. With
     --onto original, also how far that drifts from the model the adapter was trained as."""
     lm, tokenizer, _ = load_for_inference(model, sources, device, torch.float32, force, quantized=onto == "trained")
-    probe = _probe(tokenizer)
+    probe = text_probe(tokenizer)
     expected = logits(lm, probe)
     report = {}
     if onto == "original" and trained_quantization(manifests):

@@ -195,16 +195,14 @@ def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default")
 def release_memory() -> None:
     """Give freed memory back: the GPU cache, and on Linux the C heap's free pages (glibc keeps them
     otherwise, and the next load would stack on top of the last one in the peak)."""
-    import ctypes
     import gc
+
+    from .allocator import trim_heap
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,9 @@ from transformers import TrainerCallback
 
 def say(message: str) -> None:
     """One line for the user: from rank 0 only when several processes train together."""
-    if os.environ.get("RANK", "0") == "0":
+    from .distributed import is_main
+
+    if is_main():
         print(message, file=sys.stderr, flush=True)
 
 

@@ -49,7 +49,7 @@ def keep_4bit_layout(model) -> None:
     that, training fails ("a view of a leaf Variable ... in-place operation") and dequantize/merge
     read the repacked bytes as if they were the original and produce wrong weights. Every quantized
     load in lorakit goes through here, so an evaluation, a generation or a probe can come before
-    training or merging safely (tests/test_qlora.py runs that sequence).
+    training or merging safely (tests/test_qlora_full.py runs that sequence).
     """
     import bitsandbytes as bnb
 

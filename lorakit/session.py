@@ -16,7 +16,7 @@ from .adapters import (adapter_chain, base_of, check_base, is_full_model, read_m
                        weights_digest)
 from .data.chat import template_system_prompt
 from .errors import LorakitError
-from .modeling import load_model, load_tokenizer
+from .modeling import fingerprint, load_model, load_tokenizer
 
 BASE = "base"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -56,8 +56,9 @@ class Session:
         self.model = load_model(self.base_name, dtype, device, quantization=quantization)
         self.entries: dict[str, list[str]] = {}
         loaded: dict[str, str] = {}
+        base_fingerprint = fingerprint(self.model.config, self.tokenizer)
         for name, path in entries.items():
-            check_base(path, self.manifests[name], self.model, self.tokenizer, self.base_name, force)
+            check_base(path, self.manifests[name], base_fingerprint, self.base_name, force)
             self.entries[name] = [self._load(folder, loaded) for folder in adapter_chain(path)]
         self.model.eval()
         self.current: str | None = next(iter(self.entries), None)

@@ -101,7 +101,7 @@ def _build_model(recipe, model_name: str, tokenizer, device: str, dtype, quantiz
     load_dtype = torch.float32 if recipe.method == "full" else dtype
     model = load_model(model_name, load_dtype, device, recipe.trust_remote_code, quantization)
     base_fingerprint = fingerprint(model.config, tokenizer)
-    model = _apply_parent(model, tokenizer, recipe.parent, model_name)
+    model = _apply_parent(model, base_fingerprint, recipe.parent, model_name)
     attention = use_packed_attention(for_training(model))
     model = make_trainable(model, recipe, quantization is not None)
     trainable, total = count_parameters(model)
@@ -193,9 +193,9 @@ def _describe_data(recipe, data: Prepared) -> None:
         say(f"system prompt for conversations without one: {data.system_prompt!r}")
 
 
-def _apply_parent(model, tokenizer, parent: str | None, model_name: str):
+def _apply_parent(model, base_fingerprint: str, parent: str | None, model_name: str):
     """Fold the parent adapter chain into the base weights, after checking it was trained on this base."""
-    return apply_chain(model, [parent], tokenizer, model_name, merge=True) if parent else model
+    return apply_chain(model, [parent], base_fingerprint, model_name, merge=True) if parent else model
 
 
 def _train(model, tokenizer, data: Prepared, recipe, out: Path, device: str, dtype, checkpoint) -> dict:

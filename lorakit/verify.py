@@ -12,6 +12,7 @@ import torch
 from .errors import LorakitError
 
 PROBE_TOKENS = 64
+PROBE_TEXT = ["The quick brown fox jumps over the lazy dog. 你好，世界。", "Hello, how are you today?"]
 
 
 # Largest logit difference accepted, relative to the largest logit: fp32 is exact up to summation
@@ -26,6 +27,13 @@ def tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
 def probe_ids(rows: list[dict]) -> torch.Tensor:
     """The first tokens of the first training row: text the model has seen, in the layout it trained on."""
     return torch.tensor([rows[0]["input_ids"][:PROBE_TOKENS]])
+
+
+def text_probe(tokenizer) -> torch.Tensor:
+    """A fixed two-row probe (English and Chinese) for checks that have no training rows at hand."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROBE_TEXT]
+    width = min(len(i) for i in ids)
+    return torch.tensor([i[:width] for i in ids])
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
