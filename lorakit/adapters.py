@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,16 +22,29 @@ from pathlib import Path
 import yaml
 
 from .errors import LorakitError
-from .progress import say
+from .outputs import MANIFEST, write_file_list
+from .log import say
 
-MANIFEST = "manifest.json"
 SHARD_SIZE = "2GB"
 
 
+def _json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object, or one line naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LorakitError(f"{path}: not a valid {what} ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise LorakitError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if not isinstance(value, dict):
+        raise LorakitError(f"{path}: not a valid {what} (a JSON object was expected, found {type(value).__name__})")
+    return value
+
+
 def read_manifest(folder: str | Path) -> dict | None:
-    """The folder's lorakit manifest, or None for a plain peft adapter."""
+    """The folder's lorakit manifest, or None for a plain peft adapter; a damaged one is an error."""
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _json_object(path, "lorakit manifest") if path.is_file() else None
 
 
 def is_full_model(folder: str | Path) -> bool:
@@ -41,43 +53,33 @@ def is_full_model(folder: str | Path) -> bool:
     return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
 
 
-def check_adapter_folder(folder: str | Path) -> Path:
+def check_adapter_folder(folder: str | Path, what: str = "adapter") -> Path:
+    """An adapter folder whose files can be read: a JSON-object adapter_config.json and a complete
+    safetensors file. A truncated or damaged adapter is named here, in one line, before peft reads it."""
+    from safetensors import SafetensorError, safe_open
+
     folder = Path(folder)
+    if not folder.exists():
+        raise LorakitError(f"{folder}: {what} folder not found (looked at {folder.resolve()})")
     if not (folder / "adapter_config.json").is_file():
         raise LorakitError(f"{folder}: not an adapter folder (no adapter_config.json)")
+    config = _json_object(folder / "adapter_config.json", "adapter config")
+    if "r" not in config or "target_modules" not in config:
+        raise LorakitError(f"{folder / 'adapter_config.json'}: not a LoRA adapter config (no `r` or `target_modules`)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise LorakitError(f"{folder}: the adapter has no adapter_model.safetensors")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise LorakitError(f"{weights}: damaged or incomplete weights ({_first_line(exc)})") from None
     return folder
 
 
-def check_output(out: Path) -> None:
-    """Refuse, before any training, an output path that exists and is not a lorakit adapter."""
-    if out.exists() and not (out.is_dir() and (read_manifest(out) is not None or not any(out.iterdir()))):
-        raise LorakitError(f"{out}: exists and is not a lorakit adapter; choose another `output` or remove it")
-
-
-def staging_folder(out: Path) -> Path:
-    """A fresh temporary folder beside `out` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
-
-
-def publish(staging: Path, out: Path) -> Path:
-    """Move a completed staging folder into place, replacing an older adapter of the same name."""
-    check_output(out)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def write_adapter(staging: Path, out: Path, model, tokenizer, recipe, manifest: dict) -> None:
-    """Write peft weights, tokenizer, resolved recipe, manifest and (if any) the parent copy."""
+    """Write peft weights (or a full model), tokenizer, resolved recipe, (if any) the parent copy, and the
+    manifest, which the reload check reads; it is written again last, complete (write_manifest)."""
     model.save_pretrained(staging, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(staging)
     (staging / "recipe.yaml").write_text(
@@ -90,31 +92,48 @@ def write_adapter(staging: Path, out: Path, model, tokenizer, recipe, manifest: 
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
+    """The manifest, written last: it lists every file of the folder (outputs.write_file_list)."""
+    write_file_list(folder, manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def adapter_chain(folder: str | Path) -> list[Path]:
     """The adapters to apply, base-most first: parent copies, then the adapter itself (none for a
-    full model folder, which is its own base)."""
+    full model folder, which is its own base). Every one is checked to be readable."""
     if is_full_model(folder):
         return []
     chain = [check_adapter_folder(folder)]
-    while (chain[0] / "parent" / "adapter_config.json").is_file():
-        chain.insert(0, chain[0] / "parent")
+    manifest = read_manifest(folder)
+    if manifest and manifest.get("parent") and not (chain[0] / "parent").is_dir():
+        raise LorakitError(f"{folder}: its manifest names a parent adapter, but the copy in {chain[0] / 'parent'} "
+                           f"is missing; the adapter cannot be applied without it")
+    while (chain[0] / "parent").is_dir():
+        chain.insert(0, check_adapter_folder(chain[0] / "parent", "parent copy"))
     return chain
 
 
 def base_of(folder: str | Path) -> str:
     """The base model an adapter was trained on, as its manifest or peft config records it (a full
     model folder is its own base)."""
+    if not Path(folder).exists():
+        raise LorakitError(f"{folder}: adapter folder not found (looked at {Path(folder).resolve()})")
     if is_full_model(folder):
         return str(folder)
     manifest = read_manifest(folder)
     if manifest:
         path = manifest.get("base_model_path")
-        return path if path and Path(path).exists() else manifest["base_model"]
-    config = json.loads((check_adapter_folder(folder) / "adapter_config.json").read_text())
-    if not config.get("base_model_name_or_path"):
+        if isinstance(path, str) and Path(path).exists():
+            return path
+        if not isinstance(manifest.get("base_model"), str):
+            raise LorakitError(f"{Path(folder) / 'manifest.json'}: names no `base_model`; pass --model")
+        return manifest["base_model"]
+    config = _json_object(check_adapter_folder(folder) / "adapter_config.json", "adapter config")
+    if not isinstance(config.get("base_model_name_or_path"), str) or not config["base_model_name_or_path"]:
         raise LorakitError(f"{folder}: the adapter does not say its base model; pass --model")
     return config["base_model_name_or_path"]
 
@@ -178,6 +197,8 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, force: b
         raise LorakitError(f"{full[0]} is a complete model, not an adapter: pass it as --model")
     name = str(full[0]) if full else model or base_of(adapters[0])
     adapters = [] if full else adapters
+    for adapter in adapters:
+        adapter_chain(adapter)  # every file readable, before minutes go into loading the base
     quantization = trained_quantization(manifests) if quantized and adapters else None
     tokenizer = load_tokenizer(name)
     lm = load_model(name, dtype, device, quantization=quantization)

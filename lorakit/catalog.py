@@ -6,21 +6,21 @@ from pathlib import Path
 
 from .adapters import is_full_model, read_manifest
 from .errors import LorakitError
-
-
-def _size(folder: Path) -> str:
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return f"{total / 2**20:.1f} MiB" if total >= 2**20 else f"{total / 2**10:.0f} KiB"
+from .outputs import describe_size, folder_size, leftovers, sweep
 
 
 def _row(folder: Path) -> list[str]:
-    m = read_manifest(folder) or {}
+    size = describe_size(folder_size(folder))
+    try:
+        m = read_manifest(folder) or {}
+    except LorakitError as exc:  # one damaged manifest must not hide the rest of the list
+        return [folder.name, "-", f"unreadable: {str(exc).split(': ', 1)[-1]}", "-", "-", size, "-", "-"]
     loss = (m.get("metrics") or {}).get("final_loss")
-    parent = m.get("parent") or {}
+    parent = m.get("parent") if isinstance(m.get("parent"), dict) else {}
     kind = m.get("method") or ("model" if is_full_model(folder) else "peft (no manifest)")
-    return [folder.name, m.get("stage") or "-", kind, str(m.get("base_model") or "-"),
-            parent.get("name") or "-", _size(folder), f"{loss:.4f}" if loss is not None else "-",
-            (m.get("created") or "-")[:16]]
+    return [folder.name, str(m.get("stage") or "-"), str(kind), str(m.get("base_model") or "-"),
+            str(parent.get("name") or "-"), size, f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+            str(m.get("created") or "-")[:16]]
 
 
 def list_adapters(folder: str | Path) -> str:
@@ -29,12 +29,30 @@ def list_adapters(folder: str | Path) -> str:
         raise LorakitError(f"{folder}: no such folder")
     found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                    and ((p / "adapter_config.json").is_file() or (p / "manifest.json").is_file()))
-    if not found:
-        return f"no adapters under {folder}"
-    rows = [["name", "stage", "method", "base", "parent", "size", "final loss", "created"]]
-    rows += [_row(p) for p in found]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    lines = [f"no adapters under {folder}"]
+    if found:
+        rows = [["name", "stage", "method", "base", "parent", "size", "final loss", "created"]]
+        rows += [_row(p) for p in found]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    left = leftovers(folder)
+    if left:
+        total = describe_size(sum(folder_size(p) for p in left))
+        lines.append(f"{len(left)} unfinished write(s) of stopped runs ({', '.join(p.name for p in left)}; {total}): "
+                     f"removed by the next write here, or now by `lorakit adapters clean {folder}`")
+    return "\n".join(lines)
+
+
+def clean(folder: str | Path) -> str:
+    """`lorakit adapters clean`: remove what killed runs left half-written under FOLDER."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"{folder}: no such folder")
+    sizes = {p: folder_size(p) for p in leftovers(folder)}
+    removed = sweep(folder)
+    if not removed:
+        return f"nothing to clean under {folder}"
+    return f"removed {', '.join(p.name for p in removed)} ({describe_size(sum(sizes[p] for p in removed))})"
 
 
 def find(name: str) -> dict:

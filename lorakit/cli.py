@@ -7,19 +7,48 @@ import sys
 
 import click
 
-from .errors import LorakitError
+from .errors import Interrupted, LorakitError
 
 
 class Group(click.Group):
-    """Prints a LorakitError as one line and exits 1; --debug shows the traceback instead."""
+    """Prints a LorakitError as one line and exits 1 (Ctrl-C: 130); --debug shows the traceback instead.
+    A mistake on the command line itself (a bad option value) is one line too, exit 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        from .threads import share_cores
+
+        self.busy_note = share_cores()  # before anything imports torch
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `lorakit` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "lorakit"
+            click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C while click itself was prompting
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(130)
 
     def invoke(self, ctx):
+        from .log import is_main, survive_broken_pipes
+
+        survive_broken_pipes()
         try:
             return super().invoke(ctx)
-        except LorakitError as exc:
+        except (LorakitError, KeyboardInterrupt) as exc:
             if ctx.meta.get("lorakit.debug"):
                 raise
-            if os.environ.get("RANK", "0") == "0":  # several processes: say it once
+            if isinstance(exc, KeyboardInterrupt):  # not click's bare "Aborted!" and exit 1
+                exc = Interrupted("interrupted (Ctrl-C)")
+            if is_main():  # several processes: say it once
                 click.echo(f"error: {exc}", err=True)
             sys.exit(getattr(exc, "exit_code", 1))
 
@@ -58,21 +87,27 @@ def _recipe(path, overrides):
 @click.argument("overrides", nargs=-1)
 @click.option("--full", is_flag=True, help="Full fine-tune: train every weight (same as method=full).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished adapter already at the output.")
 @click.option("--nproc", type=click.IntRange(1), default=1, help="Processes (GPUs) to train with, via torchrun.")
-def train(recipe, overrides, full, resume, nproc):
+def train(recipe, overrides, full, resume, overwrite, nproc):
     """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
-    from .train import run
+    from pathlib import Path
+
+    from .log import is_main
+    from .train import RunOptions, run
 
     r = _recipe(recipe, overrides + ("method=full",) if full else overrides)
+    if getattr(main, "busy_note", None) and is_main():
+        click.echo(main.busy_note, err=True)
     if nproc > 1:
         from .distributed import check_strategy, launch
         from .modeling import resolve_device
 
         check_strategy(r.train.strategy, resolve_device(r.train.device))
         sys.exit(launch(nproc, ["train", recipe, *overrides, *(["--full"] if full else []),
-                                *(["--resume"] if resume else [])]))
-    out = run(r, resume=resume)
-    from .distributed import end_process_group, is_main
+                                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]))
+    out = run(r, RunOptions(resume=resume, overwrite=overwrite, recipe_file=Path(recipe)))
+    from .distributed import end_process_group
 
     end_process_group()
     if is_main():
@@ -140,11 +175,12 @@ def data():
 @data.command("text")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
-def data_text(folder, output):
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def data_text(folder, output, overwrite):
     """Turn a FOLDER of .txt files (one document each) into a JSON list of {"text": ...} records."""
     from .data.text import save_documents_json
 
-    count = save_documents_json(folder, output)
+    count = save_documents_json(folder, output, overwrite)
     click.echo(f"{count} documents written to {output}")
 
 
@@ -153,12 +189,23 @@ MODEL_OUTPUT_OPTIONS = [
     click.option("--model", help="Base model (default: the one in the adapter's manifest)."),
     click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
                  help="Dtype of the written weights."),
-    click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard."),
+    click.option("--shard-size", default="2GB", show_default=True, callback=lambda _c, _p, v: _shard_size(v),
+                 help="Largest safetensors shard, like 2GB or 500MB."),
     click.option("--onto", type=click.Choice(["trained", "original"]), default="trained", show_default=True,
                  help="QLoRA: merge onto the dequantized weights it trained on, or the original ones."),
     click.option("--no-verify", is_flag=True, help="Skip reloading OUT and comparing its logits."),
     click.option("--force", is_flag=True, help="Apply adapters to a base they were not trained on."),
+    click.option("--overwrite", is_flag=True, help="Replace what lorakit wrote earlier at OUT."),
 ]
+
+
+def _shard_size(text: str) -> str:
+    """A size transformers' save_pretrained reads (2GB, 500MB, 1.5GiB), checked before any work."""
+    import re
+
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE):
+        raise click.BadParameter(f"{text!r}: expected a size like 2GB or 500MB", param_hint="--shard-size")
+    return text.strip()
 
 
 def model_output_options(func):
@@ -168,14 +215,14 @@ def model_output_options(func):
     return func
 
 
-def _export(sources, output, model, dtype, shard_size, onto, no_verify, force):
+def _export(sources, output, model, dtype, shard_size, onto, no_verify, force, overwrite):
     from pathlib import Path
 
     from .export import export
     from .modeling import resolve_device
 
     report = export(list(sources), Path(output), model=model, dtype=dtype, shard_size=shard_size, onto=onto,
-                    verify=not no_verify, force=force, device=resolve_device())
+                    verify=not no_verify, force=force, device=resolve_device(), overwrite=overwrite)
     click.echo(f"model written to {report['path']} ({dtype})")
 
 
@@ -198,7 +245,7 @@ def merge(adapters, weights, combination, **options):
         values = [float(w) for w in weights.split(",")]
     except ValueError:
         raise LorakitError(f"--weights {weights!r}: expected numbers separated by commas, like 0.6,0.4") from None
-    report = combine(list(adapters), values, Path(options["output"]), combination)
+    report = combine(list(adapters), values, Path(options["output"]), combination, overwrite=options["overwrite"])
     click.echo(f"adapter written to {report['path']} ({combination} of {len(adapters)} adapters)")
 
 
@@ -212,7 +259,7 @@ def export(sources, **options):
 
 @main.group()
 def adapters():
-    """List and show trained adapters."""
+    """List, show and clean up trained adapters."""
 
 
 @adapters.command("list")
@@ -222,6 +269,15 @@ def adapters_list(folder):
     from .catalog import list_adapters
 
     click.echo(list_adapters(folder))
+
+
+@adapters.command("clean")
+@click.argument("folder", default="adapters", type=click.Path(file_okay=False))
+def adapters_clean(folder):
+    """Remove the half-written folders that killed runs and exports left under FOLDER."""
+    from .catalog import clean
+
+    click.echo(clean(folder))
 
 
 @adapters.command("show")

@@ -15,11 +15,12 @@ force_option = click.option("--force", is_flag=True, help="Apply adapters even t
 
 def sampling_options(func):
     @click.option("--greedy", is_flag=True, help="Always take the most likely token (reproducible).")
-    @click.option("--temperature", default=0.8, show_default=True)
-    @click.option("--top-k", default=40, show_default=True)
-    @click.option("--top-p", default=0.95, show_default=True)
-    @click.option("--max-new-tokens", default=128, show_default=True)
-    @click.option("--seed", type=int, help="Seed for sampling.")
+    @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+                  help="0 is greedy.")
+    @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit.")
+    @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+    @click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Seed for sampling.")
     @force_option
     @functools.wraps(func)
     def wrapper(greedy, temperature, top_k, top_p, max_new_tokens, seed, **kwargs):
@@ -46,6 +47,8 @@ def generate(prompt, model, adapter, sampling, force):
     from .adapters import load_for_inference
     from .generate import generate_text
 
+    if not prompt:
+        raise LorakitError("the prompt is empty: give the text to continue")
     lm, tokenizer, _ = load_for_inference(model, adapter, *_device_dtype(), force)
     click.echo(prompt + generate_text(lm, tokenizer, prompt, sampling))
 
@@ -83,7 +86,7 @@ def _chat_loop(session, system, sampling) -> None:
 
     history: list[dict] = []
     click.echo(f"chat with {session.current or 'the base model'}: an empty line or Ctrl-D ends, /reset forgets, "
-               f"/adapters lists, /adapter NAME switches (none: the bare base)")
+               f"/adapters lists, /adapter NAME switches and starts a new conversation (none: the bare base)")
     while True:
         try:
             line = click.prompt("you", default="", show_default=False, prompt_suffix="> ").strip()
@@ -102,7 +105,11 @@ def _chat_loop(session, system, sampling) -> None:
             except LorakitError as exc:
                 click.echo(f"error: {exc}")
                 continue
-            click.echo(f"using {session.current or 'the base model'} ({1000 * (time.perf_counter() - start):.1f} ms)")
+            took = 1000 * (time.perf_counter() - start)
+            # A new conversation: the next adapter would otherwise answer a history another one wrote.
+            click.echo(f"using {session.current or 'the base model'} ({took:.1f} ms)"
+                       + ("; the conversation starts anew" if history else ""))
+            history = []
         else:
             history.append({"role": "user", "content": line})
             history.append({"role": "assistant", "content": _reply(session, history, system, sampling)})
@@ -140,8 +147,8 @@ def _session(model, adapters, force):
 @main.command("eval")
 @session_options
 @click.option("--data", "data_path", required=True, type=click.Path(), help="Raw text or conversations.")
-@click.option("--max-length", default=1024, show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 def eval_command(model, adapters, force, data_path, max_length, batch_size):
     """Perplexity of the base and of each adapter on DATA, side by side."""
     from .evaluate import format_perplexities, perplexities
@@ -157,8 +164,8 @@ def eval_command(model, adapters, force, data_path, max_length, batch_size):
 @click.option("--mode", type=click.Choice(["auto", "chat", "text"]), default="auto", show_default=True,
               help="auto: chat when an adapter is a chat (SFT) adapter, else text continuation.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def compare(model, adapters, force, prompts, output, mode, sample, max_new_tokens, seed):
     """Answer the same prompts with the base and each adapter; write the side-by-side as Markdown."""
     from pathlib import Path
@@ -180,12 +187,15 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 @main.command()
 @session_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (local only by default).")
-@click.option("--port", default=8000, show_default=True)
-@click.option("--max-input-tokens", type=int, help="Refuse longer prompts (default: the model's context).")
-def serve(model, adapters, force, host, port, max_input_tokens):
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-input-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the model's context).")
+@click.option("--max-body", default="1MB", show_default=True, help="Refuse larger request bodies (413).")
+def serve(model, adapters, force, host, port, max_input_tokens, max_body):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
+    from .plan import parse_size
     from .serve import serve as run_server
 
+    body_limit = int(parse_size(max_body, "--max-body"))
     session = _session(model, adapters, force)
     click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1", err=True)
-    run_server(session, host, port, max_input_tokens)
+    run_server(session, host, port, max_input_tokens, body_limit)

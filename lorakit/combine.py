@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .adapters import (base_of, check_adapter_folder, check_output, publish, read_manifest, staging_folder,
-                       write_manifest)
+from .adapters import base_of, check_adapter_folder, read_manifest, write_manifest
 from .errors import LorakitError
 from .modeling import apply_adapter, load_model, load_tokenizer
-from .progress import say
+from .log import say
+from .outputs import check_output, output_path, publish, staging
 from .verify import compare, logits, text_probe
 
 # cat is exact: the new adapter's update is the weighted sum of the inputs' updates (rank = sum of ranks).
@@ -24,7 +25,7 @@ EXACT = {"cat"}
 
 
 def _configs(adapters: list[str]) -> list[dict]:
-    return [json.loads((check_adapter_folder(a) / "adapter_config.json").read_text()) for a in adapters]
+    return [json.loads((check_adapter_folder(a) / "adapter_config.json").read_text()) for a in adapters]  # checked
 
 
 def refuse_if_wrong(adapters: list[str], manifests: list[dict], weights: list[float], combination: str) -> None:
@@ -53,17 +54,18 @@ def refuse_if_wrong(adapters: list[str], manifests: list[dict], weights: list[fl
 
 
 def combine(adapters: list[str], weights: list[float], out: Path, combination: str = "cat",
-            device: str = "cpu", density: float = 0.5) -> dict:
+            device: str = "cpu", density: float = 0.5, overwrite: bool = False) -> dict:
     """Write the weighted combination as a new adapter that plain peft loads."""
+    out = output_path(out)
     manifests = [read_manifest(a) or {} for a in adapters]
     refuse_if_wrong(adapters, manifests, weights, combination)
-    check_output(out)
+    check_output(out, overwrite=overwrite, inputs=[(f"the adapter {a}", a) for a in adapters])
     name = base_of(adapters[0])
     tokenizer = load_tokenizer(name)
     base = load_model(name, torch.float32, device, quantization=manifests[0].get("quantization"))
-    model = apply_adapter(base, adapters[0], merge=False, name="a0")
-    for i, adapter in enumerate(adapters[1:], start=1):
-        model.load_adapter(str(adapter), adapter_name=f"a{i}")
+    model = base
+    for i, adapter in enumerate(adapters):
+        model = apply_adapter(model, adapter, merge=False, name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
     exact = _exact_mix_logits(model, names, weights, tokenizer)
     model.add_weighted_adapter(names, weights, "default", combination_type=combination,
@@ -77,21 +79,19 @@ def combine(adapters: list[str], weights: list[float], out: Path, combination: s
         compare(exact[1], mixed, torch.float32, f"the {combination} combination")
     else:
         say(f"--combination {combination} approximates the weighted sum: logits differ from it by up to {diff:.3g}")
-    staging = staging_folder(out)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with staging(out) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         if manifests[0].get("parent") and (Path(adapters[0]) / "parent").is_dir():
-            shutil.copytree(Path(adapters[0]) / "parent", staging / "parent")
+            shutil.copytree(Path(adapters[0]) / "parent", folder / "parent")
         manifest = {**{k: manifests[0].get(k) for k in ("base_model", "base_model_path", "base_fingerprint",
                                                           "stage", "quantization", "system_prompt", "parent")},
                     "lorakit_version": __version__, "method": "combination",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "combination": {"type": combination, "adapters": [str(Path(a).resolve()) for a in adapters],
                                     "weights": weights, "max_logit_diff_from_exact_sum": diff}}
-        write_manifest(staging, manifest)
-        return {**manifest, "path": str(publish(staging, out))}
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_manifest(folder, manifest)
+        return {**manifest, "path": str(publish(folder, out, overwrite=overwrite))}
 
 
 def _exact_mix_logits(model, names: list[str], weights: list[float], tokenizer):

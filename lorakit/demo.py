@@ -30,7 +30,7 @@ def run_demo(workdir: str, echo) -> None:
     from .modeling import resolve_device
     from .recipe import load_recipe
     from .tiny import build_tiny_qwen2
-    from .train import run
+    from .train import RunOptions, run
 
     if not RECIPES.is_dir():
         raise LorakitError(f"{RECIPES}: demo recipes not found; run the demo from a lorakit checkout")
@@ -43,9 +43,10 @@ def run_demo(workdir: str, echo) -> None:
     device = resolve_device()
     before = [_continuation(str(model_dir), None, device)] + _chat_answers(str(model_dir), None, device)
     echo("stage 1: continued pre-training on the product texts")
-    cpt_adapter = run(cpt)
+    again = RunOptions(overwrite=True)  # the demo's own adapters, replaced on every run of the demo
+    cpt_adapter = run(cpt, again)
     echo("stage 2: chat SFT on top of the CPT adapter")
-    adapter = run(sft)
+    adapter = run(sft, again)
     after = [_continuation(None, str(cpt_adapter), device)] + _chat_answers(None, str(adapter), device)
     for question, old, new in zip([f"(continue) {CONTINUE} ..."] + QUESTIONS, before, after):
         echo(f"\nQ: {question}\n  before: {old!r}\n  after:  {new!r}")

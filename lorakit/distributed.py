@@ -23,14 +23,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def local_device(device: str) -> str:
     """Each process its own GPU (torchrun's LOCAL_RANK); CPU processes share the CPU."""
     if device == "cuda" and "LOCAL_RANK" in os.environ:

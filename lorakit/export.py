@@ -8,25 +8,26 @@ its base; beyond the dtype's tolerance OUT is removed and the command fails.
 
 from __future__ import annotations
 
-import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .adapters import (SHARD_SIZE, check_output, is_full_model, load_for_inference, publish, read_manifest,
-                       staging_folder, trained_quantization, write_manifest)
+from .adapters import SHARD_SIZE, is_full_model, load_for_inference, read_manifest, trained_quantization, write_manifest
 from .merge import merged_model
-from .modeling import DTYPES, release_memory
-from .progress import say
+from .modeling import DTYPES, release_memory, set_stop_tokens
+from .log import say
+from .outputs import check_output, output_path, publish, staging
 from .runs import check_disk
 from .verify import compare, logits, text_probe
 
 def export(sources: list[str], out: Path, *, model: str | None = None, dtype: str = "bf16",
            shard_size: str = SHARD_SIZE, onto: str = "trained", verify: bool = True, force: bool = False,
-           device: str = "cpu") -> dict:
+           device: str = "cpu", overwrite: bool = False) -> dict:
     """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`."""
-    check_output(out)
+    out = output_path(out)
+    check_output(out, overwrite=overwrite, inputs=[(f"the source {s}", s) for s in sources] + [("the model", model)])
     target = DTYPES[dtype]
     manifests = [read_manifest(s) or {} for s in sources]
     reference, report = _reference(sources, manifests, model, onto, force, device) if verify else (None, {})
@@ -35,20 +36,17 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
     # chat-tuned anywhere in the chain, or a chat model to begin with
     chat = "sft" in [m.get("stage") for m in manifests] or tokenizer.eos_token == "<|im_end|>"
-    staging = staging_folder(out)
-    try:
-        _set_stop_tokens(merged, tokenizer, chat)
-        merged.to(target).save_pretrained(staging, max_shard_size=shard_size)
-        tokenizer.save_pretrained(staging)
+    with staging(out) as folder:
+        set_stop_tokens(merged, tokenizer, chat)
+        merged.to(target).save_pretrained(folder, max_shard_size=shard_size)
+        tokenizer.save_pretrained(folder)
         del merged
         release_memory()
         if verify:
-            report["verify"] = _verify(staging, out, reference, _coarsest(target, manifests, onto))
-        report.update(_facts(sources, manifests, staging, dtype, onto, chat))
-        write_manifest(staging, report)
-        return {**report, "path": str(publish(staging, out))}
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            report["verify"] = _verify(folder, out, reference, _coarsest(target, manifests, onto))
+        report.update(_facts(sources, manifests, folder, dtype, onto, chat))
+        write_manifest(folder, report)
+        return {**report, "path": str(publish(folder, out, overwrite=overwrite))}
 
 
 def _reference(sources, manifests, model, onto, force, device) -> tuple[tuple, dict]:
@@ -88,22 +86,12 @@ def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict
     return result
 
 
-def _set_stop_tokens(model, tokenizer, chat: bool) -> None:
-    """A chat model must stop at <|im_end|>; exported with the base's EOS it never stops."""
-    if not chat or "<|im_end|>" not in tokenizer.get_vocab():
-        return
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eos = [end] + [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if i is not None and i != end]
-    model.config.eos_token_id = end
-    model.generation_config.eos_token_id = eos
-    tokenizer.eos_token = "<|im_end|>"
-
-
 def _facts(sources, manifests, staging: Path, dtype: str, onto: str, chat: bool) -> dict:
     size = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
     say(f"exported {len(list(staging.glob('*.safetensors')))} safetensors shard(s), {size / 2**20:.1f} MiB, "
         f"dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
     return {"lorakit_version": __version__, "kind": "merged", "method": "merged", "dtype": dtype,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sources": [str(Path(s).resolve()) for s in sources], "onto": onto, "chat": chat,
             "stage": next((m.get("stage") for m in reversed(manifests) if m.get("stage")), None),
             "system_prompt": next((m["system_prompt"] for m in reversed(manifests) if m.get("system_prompt")), None),

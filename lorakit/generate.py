@@ -41,13 +41,32 @@ def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None) -> t
     return tokenizer(text, add_special_tokens=False)["input_ids"], stops
 
 
-def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling) -> Generation:
+class _Cancelled:
+    """A StoppingCriteria that ends generation once `event` is set (the client went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling,
+             stop_strings: tuple[str, ...] = (), cancel=None) -> Generation:
+    """Generate after `prompt_ids` until a stop token, a stop string (cut from the text), max_new_tokens,
+    or `cancel` (a threading.Event) is set."""
+    from transformers import StoppingCriteriaList
+
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     options = {"do_sample": False} if sampling.greedy or sampling.temperature == 0 else {
         "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    if stop_strings:
+        options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if cancel is not None:
+        options["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids,
@@ -57,8 +76,12 @@ def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampl
     count = len(new)
     while new and new[-1] in stop_ids:
         new.pop()
-    return Generation(tokenizer.decode(new, skip_special_tokens=False), len(prompt_ids), count,
-                      "stop" if stopped else "length")
+    text = tokenizer.decode(new, skip_special_tokens=False)
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    if cut >= 0:
+        text, stopped = text[:cut], True
+    reason = "stop" if stopped else "cancelled" if cancel is not None and cancel.is_set() else "length"
+    return Generation(text, len(prompt_ids), count, reason)
 
 
 def generate_text(model, tokenizer, prompt: str, sampling: Sampling = Sampling()) -> str:

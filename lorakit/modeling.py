@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import LorakitError
-from .progress import say
+from .log import say
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,8 +67,8 @@ def _use_cache_only_if_hub_unreachable() -> None:
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """Call a transformers loader, turning the usual failures into one line that names `name`."""
     local = Path(name).expanduser()
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise LorakitError(f"{name}: model folder not found")
+    if not local.exists() and _looks_local(name):
+        raise LorakitError(f"{name}: model folder not found (looked at {local.resolve()})")
     if not local.exists():
         _use_cache_only_if_hub_unreachable()
     if local.is_dir() and not (local / "config.json").is_file():
@@ -79,11 +79,19 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
         if local.exists():
             raise LorakitError(f"{name}: not a {what} folder ({_short(exc)})") from None
         raise LorakitError(
-            f"{name}: not a local folder, and the model hub could not be reached or has no such model; "
+            f"{name}: not a local folder (looked at {local.resolve()}), and the model hub could not be reached or "
+            f"has no such model; "
             f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
             f"and set `model: DIR`") from None
     except ValueError as exc:
         raise LorakitError(f"{name}: cannot load as a {what} ({_short(exc)})") from None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: it starts like one, has more parts than org/name, or its first part
+    is a folder here (`models/qwen` beside a models/ folder is a missing download, not a hub repo)."""
+    parts = Path(name).parts
+    return name.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -178,18 +186,37 @@ def attach_lora(model, settings, seed: int):
 
 
 def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default"):
-    """Apply a saved LoRA adapter; `merge` folds it into the weights (for a parent under a child)."""
+    """Apply a saved LoRA adapter; `merge` folds it into the weights (for a parent under a child). On a
+    model that is already a peft model, the adapter is loaded beside the others under `name`."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     try:
-        model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
     except RuntimeError as exc:
         lines = str(exc).splitlines()
         if "size mismatch" not in str(exc):
             raise
         first = next((line.strip() for line in lines if line.strip().startswith("size mismatch")), lines[0])
         raise LorakitError(f"{folder} does not fit this model: its weight shapes differ ({first[:300]})") from None
+    except (SafetensorError, ValueError, TypeError, KeyError) as exc:  # a config peft cannot use
+        raise LorakitError(f"{folder}: peft cannot load this adapter ({_short(exc)})") from exc
     return model.merge_and_unload() if merge else model
+
+
+def set_stop_tokens(model, tokenizer, chat: bool) -> None:
+    """A chat model must stop at <|im_end|>: written with the base's EOS (a base model's <|endoftext|>),
+    plain transformers and every runtime reading its generation config would never stop."""
+    if not chat or "<|im_end|>" not in tokenizer.get_vocab():
+        return
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = [end] + [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if i is not None and i != end]
+    model.config.eos_token_id = end
+    model.generation_config.eos_token_id = eos
+    tokenizer.eos_token = "<|im_end|>"
 
 
 def release_memory() -> None:

@@ -153,7 +153,9 @@ def plan(recipe, budget: float | None = None, device: str | None = None) -> dict
             return total(estimate(shape, batch=b, seq=s, checkpointing=c, **settings))
         report["budget"] = budget
         report["largest_batch"] = {c: largest(lambda b: peak(b, seq, c) <= budget, 4096, 1) for c in (False, True)}
-        report["largest_seq"] = {c: largest(lambda s: peak(batch, s, c) <= budget, 131072, 64) for c in (False, True)}
+        context = getattr(config, "max_position_embeddings", None) or 131072  # never suggest more than the model reads
+        report["largest_seq"] = {c: largest(lambda s: peak(batch, s, c) <= budget, context, 64) for c in (False, True)}
+        report["context"] = context
     return report
 
 
@@ -180,6 +182,7 @@ def format_plan(name: str, recipe, report: dict) -> str:
             how = "with" if c else "without"
             lines.append(f"  {how} checkpointing: at most {report['largest_batch'][c]} rows of {report['seq']} "
                          f"tokens at once (train.micro_batch_size); at most {report['largest_seq'][c]} tokens "
+                         f"{'(the model context) ' if report['largest_seq'][c] >= report['context'] else ''}"
                          f"per row at {report['batch']} row(s) (data.max_length)")
     return "\n".join(lines)
 
@@ -193,12 +196,16 @@ def free_memory(device: str) -> float:
     return float(psutil.virtual_memory().available)
 
 
-def parse_size(text: str) -> float:
+def parse_size(text: str, option: str = "--budget") -> float:
+    """"8GB", "512MiB", "1e9" -> bytes (binary units)."""
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     value = text.strip().lower().removesuffix("b").removesuffix("i")
     try:
-        return float(value[:-1]) * units[value[-1]] if value and value[-1] in units else float(value)
+        size = float(value[:-1]) * units[value[-1]] if value and value[-1] in units else float(value)
     except ValueError:
+        size = float("nan")
+    if not size > 0 or size == float("inf"):
         from .errors import LorakitError
 
-        raise LorakitError(f"--budget {text!r}: expected a size like 8GB or 512MB") from None
+        raise LorakitError(f"{option} {text!r}: expected a size like 8GB or 512MB")
+    return size

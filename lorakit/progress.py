@@ -1,25 +1,13 @@
-"""What a run shows and keeps: one-line messages, the progress bar, metrics.jsonl and loss.png.
-
-The only place below the CLI that writes to the terminal.
-"""
+"""What a run shows and keeps: the progress bar, metrics.jsonl and loss.png (one-line messages: log.say)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
-
-
-def say(message: str) -> None:
-    """One line for the user: from rank 0 only when several processes train together."""
-    from .distributed import is_main
-
-    if is_main():
-        print(message, file=sys.stderr, flush=True)
 
 
 class ProgressCallback(TrainerCallback):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -47,6 +48,11 @@ class DataSettings:
             raise LorakitError("give data.eval_path or data.eval_split, not both")
 
 
+# The output head is applied by lorakit's chunked loss and the embeddings are tied to it in small Qwen2
+# models; a LoRA on either would be skipped by that loss or break the tie.
+OUTSIDE_THE_BLOCKS = ("lm_head", "embed_tokens")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
@@ -66,6 +72,14 @@ class LoraSettings:
             raise LorakitError(f"lora.r must be a positive integer, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target, list):
+            if not self.target:
+                raise LorakitError("lora.target must name at least one module, or be all-linear")
+            outside = [name for name in self.target if name in OUTSIDE_THE_BLOCKS]
+            if outside:
+                raise LorakitError(f"lora.target {outside[0]}: only the linear layers inside the blocks can be "
+                                   f"adapted (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); "
+                                   f"the embeddings and output head train only with method: full")
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,9 @@ class TrainSettings:
     """With eval data: evaluate every this many steps; 0 evaluates at the end of each epoch."""
     save_steps: int = 200
     """Checkpoint (adapter, optimizer, scheduler, RNG states, data position) every this many steps,
-    for `lorakit train --resume`; 0 turns checkpoints off. Ctrl-C and SIGTERM always checkpoint."""
+    for `lorakit train --resume`; 0 turns these periodic checkpoints off. Ctrl-C and SIGTERM always
+    checkpoint, and so does the end of training: that last checkpoint is kept until the adapter is
+    published, so a failure while writing it loses nothing."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep."""
     strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
@@ -136,6 +152,11 @@ class TrainSettings:
                                f"got {self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise LorakitError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range, which the Trainer's set_seed uses
+            raise LorakitError(f"train.seed must be in 0 .. 4294967295, got {self.seed}")
+        for name in ("save_steps", "eval_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise LorakitError(f"train.{name} must not be negative, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,8 @@ class Recipe:
     the base in memory, and recorded in the manifest, and every command loading this adapter applies
     the parent first."""
     output: str | None = None
-    """Where the adapter folder goes. Default: adapters/<recipe file name without .yaml>."""
+    """Where the adapter folder goes. Default: adapters/<recipe file name without .yaml>. `~` is your home
+    folder; a symbolic link is followed (the adapter is written where it points)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -173,7 +195,9 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output) if self.output else Path("adapters") / self.name
+        from .outputs import output_path
+
+        return output_path(self.output) if self.output else Path("adapters") / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -259,6 +283,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             pass
     if _fits(value, tp):
+        if tp is float and not math.isfinite(value):  # YAML's .nan and .inf are floats too
+            raise LorakitError(f"{key} must be a finite number, got {value!r}")
         return float(value) if tp is float else value
     raise LorakitError(f"{key} must be {_describe(tp)}, got {value!r}")
 

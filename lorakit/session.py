@@ -46,6 +46,7 @@ class Session:
         for name, path in entries.items():
             if is_full_model(path):
                 raise LorakitError(f"{name}={path} is a complete model, not an adapter: pass it as --model")
+            adapter_chain(path)  # every file readable, before the base is loaded
         self.manifests = {name: read_manifest(path) for name, path in entries.items()}
         quantizations = {str((m or {}).get("quantization")) for m in self.manifests.values()}
         if len(quantizations) > 1:
@@ -66,17 +67,12 @@ class Session:
             self.use(self.current)
 
     def _load(self, folder: Path, loaded: dict[str, str]) -> str:
-        from peft import PeftModel
-
         from .modeling import apply_adapter
 
         digest = weights_digest(folder)
         if digest not in loaded:
             loaded[digest] = f"a{len(loaded)}"
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(folder), adapter_name=loaded[digest])
-            else:
-                self.model = apply_adapter(self.model, folder, merge=False, name=loaded[digest])
+            self.model = apply_adapter(self.model, folder, merge=False, name=loaded[digest])
         return loaded[digest]
 
     @property
@@ -103,8 +99,9 @@ class Session:
             yield self.model
 
     def system_prompt(self, name: str | None = None) -> str | None:
-        """The system prompt the adapter was trained with, else the template's own."""
-        manifest = self.manifests.get(name or self.current or "") or {}
+        """The system prompt adapter `name` (default: the current one; "base": none) was trained with,
+        else the template's own."""
+        manifest = self.manifests.get(self.current if name is None else name) or {}
         if manifest.get("system_prompt") is not None:
             return manifest["system_prompt"]
         return template_system_prompt(self.tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,53 +13,96 @@ from accelerate.utils import extract_model_from_parallel
 from peft.helpers import disable_input_dtype_casting
 
 from . import __version__
-from .adapters import (apply_chain, base_of, check_output, is_full_model, load_for_inference, publish, read_manifest,
-                       staging_folder, write_adapter, write_manifest)
+from .adapters import (adapter_chain, apply_chain, base_of, is_full_model, load_for_inference, read_manifest,
+                       write_adapter, write_manifest)
 from .allocator import keep_freed_memory
 from .data.prepare import Prepared, prepare
 from .attention import restore as restore_attention
 from .attention import use_packed as use_packed_attention
-from .distributed import check_ranks_agree, check_world, is_main, local_device, world_size
-from .errors import LorakitError
+from .distributed import check_ranks_agree, check_world, local_device, world_size
+from .errors import Interrupted, LorakitError
 from .modeling import (check_causal_lm, count_parameters, fingerprint, for_training, load_model,
-                       load_tokenizer, make_trainable, release_memory, resolve_device, resolve_dtype)
-from .progress import plot_loss, say
+                       load_tokenizer, make_trainable, release_memory, resolve_device, resolve_dtype, set_stop_tokens)
+from .log import is_main, say
+from .outputs import check_output, publish, remove_folder, staging
+from .progress import plot_loss
 from .quant import describe as describe_quant
-from .runs import (Interrupted, NonFiniteLoss, begin, check_disk, latest_checkpoint, output_lock, run_folder,
-                   stop_on_signals)
+from .runs import (NonFiniteLoss, begin, check_disk, check_run_folder, drop_incomplete_checkpoints,
+                   latest_checkpoint, output_lock, run_folder, stop_on_signals)
 from .trainer import build_trainer, micro_batch
 from .verify import compare, probe_ids
 from .verify import logits as probe_logits
 
 
-def run(recipe, resume: bool = False) -> Path:
+@dataclass(frozen=True)
+class RunOptions:
+    """How `lorakit train` was asked to run, beyond the recipe."""
+
+    resume: bool = False
+    """Continue the interrupted run from its latest checkpoint."""
+    overwrite: bool = False
+    """Replace a finished adapter (only one lorakit wrote, holding nothing else) at the output."""
+    recipe_file: Path | None = None
+    """The recipe's file: never inside the output, and named in the messages that say how to resume."""
+
+
+def run(recipe, options: RunOptions = RunOptions()) -> Path:
     """Train the recipe's adapter (or, with method: full, model) and return its folder.
 
-    Bad data and a missing model fail before anything is written. The output is locked for the
-    run; checkpoints go to the run folder beside it and are removed once the adapter is published.
+    Bad settings, a missing model or parent, an output that is not lorakit's to replace, and bad data
+    all fail before anything is written. The output is locked for the run; checkpoints go to the run
+    folder beside it, and the last one is kept until the adapter is published.
     """
     check_world()
     out = recipe.output_dir
-    check_output(out)
-    model_name = recipe.model or base_of(recipe.parent)
-    check_causal_lm(model_name, recipe.trust_remote_code)
-    tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
-    data = prepare(recipe, tokenizer)
-    _describe_data(recipe, data)
-    _warn_if_too_big(recipe)
-    if not is_main():  # other ranks of a distributed run train along; rank 0 owns the output
-        checkpoint = latest_checkpoint(run_folder(out)) if resume else None
-        return _run(recipe, model_name, tokenizer, data, checkpoint)
+    model_name = _check_inputs(recipe)
+    if not is_main():  # other ranks of a distributed run train along; rank 0 checks and owns the output
+        tokenizer, data = _load_data(recipe, model_name)
+        checkpoint = latest_checkpoint(run_folder(out)) if options.resume else None
+        return _run(recipe, model_name, tokenizer, data, checkpoint, options, run_id="")
     with output_lock(out):
-        checkpoint = begin(out, recipe.to_dict(), resume)
+        check_run_folder(out, recipe.to_dict(), options.resume)
+        check_output(out, overwrite=options.overwrite, inputs=_inputs(recipe, options, model_name))
+        tokenizer, data = _load_data(recipe, model_name)
+        run_id, checkpoint = begin(out, recipe.to_dict(), {"hash": data.data_hash, "rows": len(data.rows)},
+                                   options.resume)
         try:
-            result = _run(recipe, model_name, tokenizer, data, checkpoint)
+            result = _run(recipe, model_name, tokenizer, data, checkpoint, options, run_id)
         except BaseException:
             if latest_checkpoint(run_folder(out)) is None:
                 shutil.rmtree(run_folder(out), ignore_errors=True)  # nothing worth resuming
             raise
-        shutil.rmtree(run_folder(out), ignore_errors=True)
+        remove_folder(run_folder(out))
         return result
+
+
+def _check_inputs(recipe) -> str:
+    """The base model's name, once the parent (if any) is known to be a readable adapter and the
+    method can build on it: refusals that need no model and no data come first."""
+    if recipe.parent and not is_full_model(recipe.parent):
+        adapter_chain(recipe.parent)  # the parent and its own parents, every file readable
+        if recipe.method == "qlora":
+            raise LorakitError("method: qlora cannot build on a parent adapter yet (merging it into a quantized "
+                               "base would re-quantize it); merge the parent into a model folder first "
+                               "(lorakit merge --adapter PARENT -o FOLDER) and set `model: FOLDER`")
+    model_name = recipe.model or base_of(recipe.parent)
+    check_causal_lm(model_name, recipe.trust_remote_code)
+    return model_name
+
+
+def _inputs(recipe, options: RunOptions, model_name: str) -> list[tuple[str, str | Path | None]]:
+    """What the run reads, which its output folder must never contain."""
+    local_model = model_name if Path(model_name).expanduser().exists() else None
+    return [("the recipe", options.recipe_file), ("the data", recipe.data.path), ("the eval data", recipe.data.eval_path),
+            ("the parent adapter", recipe.parent), ("the base model", local_model)]
+
+
+def _load_data(recipe, model_name: str):
+    tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
+    data = prepare(recipe, tokenizer)
+    _describe_data(recipe, data)
+    _warn_if_too_big(recipe)
+    return tokenizer, data
 
 
 def _warn_if_too_big(recipe) -> None:
@@ -73,7 +117,8 @@ def _warn_if_too_big(recipe) -> None:
             f"or train.gradient_checkpointing: true)")
 
 
-def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | None) -> Path:
+def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | None, options: RunOptions,
+         run_id: str) -> Path:
     device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     quantization = _quantization(recipe, dtype)
@@ -89,7 +134,24 @@ def _run(recipe, model_name: str, tokenizer, data: Prepared, checkpoint: Path | 
     if not is_main():
         return recipe.output_dir
     manifest = _manifest(recipe, model_name, base_fingerprint, data, summary, device, dtype, quantization)
-    return _publish(recipe, model, tokenizer, data, manifest, summary, device, dtype)
+    manifest["run_id"] = run_id
+    try:
+        return _publish(recipe, model, tokenizer, data, manifest, summary, device, dtype, options)
+    except (OSError, KeyboardInterrupt) as exc:
+        raise _publish_failed(recipe, options, exc) from None
+
+
+def _publish_failed(recipe, options: RunOptions, exc: BaseException) -> LorakitError:
+    """What to say when writing the finished adapter failed (a full disk) or was interrupted: nothing
+    was published, and the final checkpoint (always written, see trainer.build_trainer) holds the work."""
+    out, last = recipe.output_dir, latest_checkpoint(run_folder(recipe.output_dir))
+    command = f"lorakit train {options.recipe_file or 'RECIPE'} --resume" + (" --overwrite" if options.overwrite else "")
+    keep = (f"the trained state is kept in {last}: {command} writes it without training again" if last else
+            "no checkpoint was kept, so the run must start again")
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(f"interrupted while writing {out}: nothing was published; {keep}")
+    what = f"{exc.strerror or exc}" + (f": {exc.filename}" if getattr(exc, "filename", None) else "")
+    return LorakitError(f"writing {out} failed ({what}); nothing was published; {keep}")
 
 
 def _build_model(recipe, model_name: str, tokenizer, device: str, dtype, quantization):
@@ -117,30 +179,41 @@ def _build_model(recipe, model_name: str, tokenizer, device: str, dtype, quantiz
     return model, base_fingerprint, attention
 
 
-def _publish(recipe, model, tokenizer, data: Prepared, manifest: dict, summary: dict, device: str, dtype) -> Path:
+def _publish(recipe, model, tokenizer, data: Prepared, manifest: dict, summary: dict, device: str, dtype,
+             options: RunOptions) -> Path:
     """Write the adapter (or model) to a staging folder, prove it reloads to the trained logits, rename it
     into place."""
     out = recipe.output_dir
     history, evals = summary.pop("history"), summary.pop("evals")
     manifest["metrics"] = summary
-    staging = staging_folder(out)
-    try:
-        if recipe.method == "full" and dtype != torch.float32:
-            model = model.to(dtype)  # the trained weights, saved in the compute dtype
+    with staging(out) as folder:
+        if recipe.method == "full":
+            model = _deployable(model, tokenizer, recipe, dtype, manifest)
         probe = probe_ids(data.rows)
         expected = probe_logits(model, probe)
-        write_adapter(staging, out, model, tokenizer, dataclasses.replace(recipe, model=manifest["base_model"]),
+        write_adapter(folder, out, model, tokenizer, dataclasses.replace(recipe, model=manifest["base_model"]),
                       manifest)
-        shutil.copy(run_folder(out) / "metrics.jsonl", staging / "metrics.jsonl")
+        shutil.copy(run_folder(out) / "metrics.jsonl", folder / "metrics.jsonl")
         if history:
-            plot_loss(history, staging / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})", evals)
+            plot_loss(history, folder / "loss.png", f"{recipe.name} ({recipe.stage}, {recipe.method})", evals)
         del model
         release_memory()
-        manifest["reload_check"] = _check_reload(staging, out, probe, expected, device, dtype)
-        write_manifest(staging, manifest)
-        return publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        manifest["reload_check"] = _check_reload(folder, out, probe, expected, device, dtype)
+        write_manifest(folder, manifest)
+        return publish(folder, out, overwrite=options.overwrite)
+
+
+def _deployable(model, tokenizer, recipe, dtype, manifest: dict):
+    """A full fine-tune's folder is a model people deploy as it is: the trained weights in the compute
+    dtype (said, and recorded), and a chat model that stops at its end-of-turn token, as an export's."""
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    chat = recipe.stage == "sft" or tokenizer.eos_token == "<|im_end|>"
+    set_stop_tokens(model, tokenizer, chat)
+    manifest["dtype"] = str(dtype).removeprefix("torch.")
+    say(f"the model's weights are written in {manifest['dtype']}"
+        + ("; it stops at <|im_end|>" if chat and "<|im_end|>" in tokenizer.get_vocab() else ""))
+    return model
 
 
 def _disk_needed(recipe, trainable: int, total: int) -> int:
@@ -148,7 +221,7 @@ def _disk_needed(recipe, trainable: int, total: int) -> int:
     output, with a fifth to spare."""
     weights = (total if recipe.method == "full" else trainable) * 4
     per_checkpoint = weights + trainable * 8
-    kept = recipe.train.keep_checkpoints if recipe.train.save_steps else 0
+    kept = recipe.train.keep_checkpoints if recipe.train.save_steps else 1  # the final one at least
     return int(1.2 * (per_checkpoint * (kept + 1) + weights))
 
 
@@ -164,9 +237,6 @@ def _check_reload(staging: Path, out: Path, probe, expected, device: str, dtype)
 def _quantization(recipe, dtype) -> dict | None:
     if recipe.method != "qlora":
         return None
-    if recipe.parent and not is_full_model(recipe.parent):
-        raise LorakitError("method: qlora cannot build on a parent adapter yet (merging it into a quantized "
-                           "base would re-quantize it); merge the parent into a model folder first")
     described = describe_quant(recipe.quant, dtype)
     if recipe.train.strategy == "fsdp" and recipe.quant.bits == 4:
         described["storage"] = described["compute_dtype"]
@@ -215,6 +285,13 @@ def _train(model, tokenizer, data: Prepared, recipe, out: Path, device: str, dty
         raise NonFiniteLoss(f"{exc}: training stopped before using it. " + (
             f"The last good checkpoint is {last}: resume with --resume and a lower train.lr" if last else
             "No checkpoint was written yet: lower train.lr and start again")) from None
+    except OSError as exc:  # a checkpoint that did not fit on the disk, or a folder that went away
+        drop_incomplete_checkpoints(run_folder(out))
+        last = latest_checkpoint(run_folder(out))
+        raise LorakitError(f"writing a checkpoint failed at step {trainer.state.global_step} ({exc.strerror or exc}"
+                           + (f": {exc.filename}" if exc.filename else "") + "); training stopped. " + (
+            f"The last complete checkpoint is {last}: make room and continue with --resume" if last else
+            "No complete checkpoint was kept: make room and start again")) from None
     finally:
         progress.close()
     if stop.get("signal"):

@@ -49,6 +49,7 @@ class _Trainer(Trainer):
 
 
 CPU_MICRO_BATCH_TOKENS = 1024
+FINAL_ONLY = 2**62  # save_steps that no run reaches: only the final checkpoint
 
 
 def micro_batch(recipe, device: str) -> int:
@@ -82,7 +83,9 @@ def build_trainer(model, tokenizer, rows: list[dict], eval_rows: list[dict], rec
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
         activation_checkpointing=t.gradient_checkpointing, logging_steps=t.logging_steps,
         eval_strategy=evaluate, eval_steps=t.eval_steps or None, prediction_loss_only=True,
-        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        # Always "steps": the Trainer then also checkpoints the final step, which is kept until the adapter
+        # is published, so a full disk or a kill while writing it loses no training (save_steps 0: only that one).
+        save_strategy="steps", save_steps=t.save_steps or FINAL_ONLY,
         save_total_limit=t.keep_checkpoints, logging_nan_inf_filter=False,
         report_to="none", disable_tqdm=True, remove_unused_columns=False,
         dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),

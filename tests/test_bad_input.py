@@ -81,9 +81,38 @@ CASES = {
     "model path missing": (_recipe("stage: cpt\nmodel: ./models/none\ndata: {{path: d.txt}}\n"), "./models/none: model folder not found"),
     "not a causal lm": (_not_causal, "encoder: not a causal language model (its model type is t5)"),
     "adapter of another base": (_other_base_parent, "elsewhere/p was trained on"),
-    "output is not an adapter": (_existing_output, "adapters/mine: exists and is not a lorakit adapter"),
+    "output is not an adapter": (_existing_output, "adapters/mine: exists and is not a lorakit output"),
     "output escapes": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\noutput: ../../outside\n"),
                        "must not climb out of its folder"),
+    "lone surrogate": (_cpt_file("d.jsonl", b'{"text": "abc \\ud800 def"}\n'),
+                       "d.jsonl line 1: field `text` holds an unpaired surrogate ('\\ud800' at character 4)"),
+    "lone surrogate in a chat": (lambda w, m: _cpt_file("d.jsonl", b'{"messages": [{"role": "user", "content": '
+                                                                 b'"hi \\udfff"}, {"role": "assistant", "content": '
+                                                                 b'"ok"}]}\n')(w, m).replace("cpt", "sft"),
+                                 "d.jsonl line 1: field `messages[0].content` holds an unpaired surrogate"),
+    "JSON nested 100k deep": (_cpt_file("d.jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"),
+                              "d.jsonl line 1: JSON nested too deeply"),
+    "epochs nan": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\ntrain: {{epochs: .nan}}\n"),
+                   "train.epochs must be a finite number, got nan"),
+    "epochs inf": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\ntrain: {{epochs: .inf}}\n"),
+                   "train.epochs must be a finite number, got inf"),
+    "lr nan": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\ntrain: {{lr: .nan}}\n"),
+               "train.lr must be a finite number, got nan"),
+    "seed too large": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\ntrain: {{seed: 1099511627776}}\n"),
+                       "train.seed must be in 0 .. 4294967295, got 1099511627776"),
+    "negative seed": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\ntrain: {{seed: -1}}\n"),
+                      "train.seed must be in 0 .. 4294967295, got -1"),
+    "lora on the head": (_recipe("stage: cpt\nmodel: {base}\ndata: {{path: d.txt}}\nlora: {{target: [lm_head]}}\n"),
+                         "lora.target lm_head: only the linear layers inside the blocks can be adapted"),
+    "qlora on a parent, before the data": (
+        lambda w, m: _other_base_parent(w, m).replace("data: {path: d.txt}", "data: {path: nowhere.txt}")
+        .replace(f"model: {m['base']}\n", f"model: {m['base']}\nmethod: qlora\n"),
+        "method: qlora cannot build on a parent adapter yet"),
+    "missing parent": (_recipe("stage: sft\nparent: adapters/nosuch\ndata: {{path: d.jsonl}}\n"),
+                       "adapters/nosuch: adapter folder not found (looked at "),
+    "missing local model under a models folder": (
+        lambda w, m: (w / "models").mkdir() or "stage: cpt\nmodel: models/nosuch\ndata: {path: d.txt}\n",
+        "models/nosuch: model folder not found (looked at "),
 }
 
 
@@ -117,7 +146,7 @@ def test_loaders_take_any_records_or_say_why(tmp_path, tiny_instruct_tokenizer, 
     path = tmp_path / "random.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     try:
-        conversations, _ = load_conversations(path)
+        conversations = load_conversations(path).conversations
         tokenize_conversations(conversations, tiny_instruct_tokenizer, 64, "sys")
     except LorakitError:
         pass
@@ -133,3 +162,94 @@ def tiny_instruct_tokenizer(tiny_instruct):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_instruct)
+
+
+# --- Damaged adapters: every command that reads one says which file, in one line ---------------------------
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_base):
+    """An SFT adapter trained on top of a CPT adapter (so it carries parent/)."""
+    folder = tmp_path_factory.mktemp("chain")
+    (folder / "d.txt").write_text("some text to train on, twice over")
+    write_jsonl(folder / "c.jsonl", [CHAT])
+    lorakit("train", write_recipe(folder / "cpt.yaml", f"stage: cpt\nmodel: {tiny_base}\noutput: {folder / 'cpt'}\n"
+                                                       f"data: {{path: {folder / 'd.txt'}}}\ntrain: {{max_steps: 1}}\n"))
+    lorakit("train", write_recipe(folder / "sft.yaml", f"stage: sft\nparent: {folder / 'cpt'}\noutput: {folder / 'sft'}\n"
+                                                       f"data: {{path: {folder / 'c.jsonl'}}}\ntrain: {{max_steps: 1}}\n"))
+    return folder / "sft"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated weights": (lambda a: _truncate(a / "adapter_model.safetensors"),
+                          "adapter_model.safetensors: damaged or incomplete weights"),
+    "empty weights": (lambda a: (a / "adapter_model.safetensors").write_bytes(b""),
+                      "adapter_model.safetensors: damaged or incomplete weights (Error while deserializing header: "
+                      "header too small)"),
+    "huge header": (lambda a: (a / "adapter_model.safetensors").write_bytes((10**15).to_bytes(8, "little") + b"{}"),
+                    "adapter_model.safetensors: damaged or incomplete weights"),
+    "invalid adapter config": (lambda a: (a / "adapter_config.json").write_text('{"r": 16,'),
+                               "adapter_config.json: not a valid adapter config"),
+    "adapter config not an object": (lambda a: (a / "adapter_config.json").write_text("[1, 2]"),
+                                     "adapter_config.json: not a valid adapter config (a JSON object was expected, "
+                                     "found list)"),
+    "invalid manifest": (lambda a: (a / "manifest.json").write_text("{oops"), "manifest.json: not a valid lorakit manifest"),
+    "manifest not an object": (lambda a: (a / "manifest.json").write_text('"text"'),
+                               "manifest.json: not a valid lorakit manifest (a JSON object was expected, found str)"),
+    "truncated parent": (lambda a: (a / "parent" / "adapter_model.safetensors").unlink(),
+                         "parent: the adapter has no adapter_model.safetensors"),
+}
+COMMANDS = {
+    "chat": lambda a, w: ["chat", "--adapter", a, "--prompt", "hi"],
+    "generate": lambda a, w: ["generate", "--adapter", a, "hi"],
+    "export": lambda a, w: ["export", a, "-o", w / "out"],
+    "merge": lambda a, w: ["merge", "--adapter", a, "-o", w / "out"],
+    "eval": lambda a, w: ["eval", "--adapter", a, "--data", write_jsonl(w / "e.jsonl", [CHAT])],
+    "serve": lambda a, w: ["serve", "--adapter", f"x={a}", "--port", "0"],
+    "train on it": lambda a, w: ["train", write_recipe(w / "r.yaml", f"stage: sft\nparent: {a}\n"
+                                                                  f"data: {{path: {write_jsonl(w / 'c.jsonl', [CHAT])}}}\n")],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_damaged_adapter_is_one_line_naming_the_file_in_every_command(chain, work, corruption, command):
+    damage, message = CORRUPTIONS[corruption]
+    adapter = work / "damaged"
+    shutil.copytree(chain, adapter)
+    damage(adapter)
+    result = lorakit(*COMMANDS[command](adapter, work), expect=1)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    assert not (work / "out").exists()
+
+
+def test_one_damaged_manifest_does_not_hide_the_other_adapters(chain, work):
+    shutil.copytree(chain, work / "adapters" / "good")
+    shutil.copytree(chain, work / "adapters" / "bad")
+    (work / "adapters" / "bad" / "manifest.json").write_text("{oops")
+    listing = lorakit("adapters", "list").stdout.splitlines()
+    assert [line.split()[0] for line in listing[1:]] == ["bad", "good"]
+    assert "unreadable: not a valid lorakit manifest" in listing[1] and "sft" in listing[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "m", "--temperature", "-1", "hi"], "'--temperature': -1.0 is not in the range x>=0"),
+    (["generate", "--model", "m", "--max-new-tokens", "0", "hi"], "'--max-new-tokens': 0 is not in the range x>=1"),
+    (["generate", "--model", "m", ""], "the prompt is empty"),
+    (["export", "a", "-o", "b", "--shard-size", "lots"], "--shard-size: 'lots': expected a size like 2GB"),
+    (["serve", "--model", "m", "--port", "99999"], "'--port': 99999 is not in the range 0<=x<=65535"),
+    (["serve", "--model", "m", "--max-body", "huge"], "--max-body 'huge': expected a size like 8GB or 512MB"),
+])
+def test_bad_command_line_values_are_one_line(work, args, message):
+    from click.testing import CliRunner
+
+    from lorakit.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

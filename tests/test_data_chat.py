@@ -20,7 +20,7 @@ def tokenizer(tiny_instruct):
 
 
 def _examples(path, tokenizer, max_length=256, system="You are a helpful assistant."):
-    conversations, _ = load_conversations(path)
+    conversations = load_conversations(path).conversations
     return tokenize_conversations(conversations, tokenizer, max_length, system)
 
 
@@ -60,7 +60,7 @@ def test_sharegpt_and_alpaca_records_become_messages(work):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
         {"instruction": "Translate", "input": "chat", "output": "猫", "system": "You translate."},
     ])
-    (_, sharegpt), (_, alpaca) = load_conversations(work / "mixed.jsonl")[0]
+    (_, sharegpt), (_, alpaca) = load_conversations(work / "mixed.jsonl").conversations
     assert sharegpt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert alpaca == [{"role": "system", "content": "You translate."},
                       {"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "猫"}]
@@ -71,7 +71,7 @@ def test_parquet_conversations_load(work):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"messages": TALK}]), work / "c.parquet")
-    assert load_conversations(work / "c.parquet")[0][0][1] == TALK
+    assert load_conversations(work / "c.parquet").conversations[0][1] == TALK
 
 
 @pytest.mark.parametrize("record, message", [
@@ -106,3 +106,36 @@ def test_preview_marks_trained_spans_and_counts_tokens(work, tiny_instruct):
     assert "[[The lamp glows amber.<|im_end|>]]" in out and "[[At night, 奥比克斯.<|im_end|>]]" in out
     assert "<|im_start|>assistant\n[[" in out
     assert "1 examples:" in out and "trained tokens" in out and "masked tokens" in out
+
+
+def test_sharegpt_system_and_alpaca_history_are_read_as_llama_factory_writes_them(work, tokenizer):
+    write_jsonl(work / "lf.jsonl", [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Ahoy"}],
+         "system": "You are a pirate."},
+        {"instruction": "And now?", "output": "Second answer.", "history": [["First?", "First answer."]]},
+    ])
+    loaded = load_conversations(work / "lf.jsonl")
+    (_, sharegpt), (_, alpaca) = loaded.conversations
+    assert sharegpt[0] == {"role": "system", "content": "You are a pirate."}
+    assert alpaca == [{"role": "user", "content": "First?"}, {"role": "assistant", "content": "First answer."},
+                      {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Second answer."}]
+    examples, _ = tokenize_conversations(loaded.conversations, tokenizer, 256, "You are a helpful assistant.")
+    trained = [text for text, on in spans(examples[1], tokenizer) if on]
+    assert trained == ["First answer.<|im_end|>", "Second answer.<|im_end|>"]  # every turn of the history
+    assert "You are a pirate." in tokenizer.decode(examples[0].input_ids)
+    assert "helpful assistant" not in tokenizer.decode(examples[0].input_ids)
+    assert loaded.notes == []
+
+
+def test_fields_lorakit_does_not_read_are_named_not_dropped_in_silence(work, tiny_instruct):
+    path = write_jsonl(work / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}],
+         "id": 1},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "tools": "[]", "id": 2},
+    ])
+    assert load_conversations(path).notes == [
+        f"note: {path}: field `id` is not read by lorakit (2 record(s), first at line 1)",
+        f"note: {path}: field `messages[].weight` is not read by lorakit (1 record(s), first at line 1)",
+        f"note: {path}: field `tools` is not read by lorakit (1 record(s), first at line 2)"]
+    recipe = write_recipe(work / "r.yaml", f"stage: sft\nmodel: {tiny_instruct}\ndata: {{path: {path}}}\n")
+    assert "field `tools` is not read by lorakit" in lorakit("preview", recipe).stdout

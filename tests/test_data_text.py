@@ -94,6 +94,12 @@ def test_data_text_command_writes_an_editable_json_list(corpus, work):
     records = json.loads((work / "docs.json").read_text(encoding="utf-8"))
     assert [r["text"] for r in records] == DOCS
     assert [d.text for d in load_documents(work / "docs.json")[0]] == DOCS
+    (work / "docs.json").write_text("my own edits")
+    result = lorakit("data", "text", corpus, "-o", work / "docs.json", expect=1)
+    assert "docs.json: exists; pass --overwrite" in result.stderr
+    assert (work / "docs.json").read_text() == "my own edits"
+    lorakit("data", "text", corpus, "-o", work / "docs.json", "--overwrite")
+    assert len(json.loads((work / "docs.json").read_text(encoding="utf-8"))) == 3
 
 
 def test_the_token_count_follows_batches_trained_not_batches_prefetched():
@@ -101,3 +107,19 @@ def test_the_token_count_follows_batches_trained_not_batches_prefetched():
     for size in (3, 5, 2):
         collate([{"input_ids": [1] * size, "labels": [1] * size, "position_ids": list(range(size))}])
     assert [collate.tokens_in(n) for n in range(5)] == [0, 3, 8, 10, 10]
+
+
+def test_a_byte_order_mark_is_dropped_and_nul_bytes_are_refused(work):
+    (work / "bom.txt").write_bytes("\ufeffHello from Windows.".encode("utf-8"))
+    (work / "bom.jsonl").write_bytes("\ufeff".encode("utf-8") + b'{"text": "first"}\n')
+    assert [d.text for d in load_documents(work / "bom.txt")[0]] == ["Hello from Windows."]
+    assert [d.text for d in load_documents(work / "bom.jsonl")[0]] == ["first"]
+    (work / "zeros.txt").write_bytes(b"\0" * 64)
+    with pytest.raises(LorakitError, match="zeros.txt: holds NUL bytes \\(the first at character 0\\)"):
+        load_documents(work / "zeros.txt")
+
+
+def test_a_jsonl_line_is_split_at_newlines_only(work):
+    """U+2028 may stand unescaped inside a JSON string; str.splitlines() would cut the record there."""
+    (work / "sep.jsonl").write_text('{"text": "one\u2028two"}\n', encoding="utf-8")
+    assert [d.text for d in load_documents(work / "sep.jsonl")[0]] == ["one\u2028two"]

@@ -42,7 +42,8 @@ def test_a_missing_model_folder_is_named(work, corpus):
 def test_an_unreachable_hub_id_suggests_a_local_folder(work, corpus, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = _fails(work, RECIPE.format(stage="cpt", model="Qwen/Qwen2-0.5B", data=corpus),
-                  "Qwen/Qwen2-0.5B: not a local folder, and the model hub could not be reached")
+                  f"Qwen/Qwen2-0.5B: not a local folder (looked at {work / 'Qwen' / 'Qwen2-0.5B'}), and the model hub "
+                  f"could not be reached")
     assert "--local-dir" in line
 
 
@@ -55,7 +56,7 @@ def test_an_output_that_is_not_an_adapter_is_never_clobbered(work, corpus, tiny_
     (work / "precious").mkdir()
     (work / "precious" / "thesis.txt").write_text("years of work")
     _fails(work, RECIPE.format(stage="cpt", model=tiny_base, data=corpus) + "output: precious\n",
-           "precious: exists and is not a lorakit adapter")
+           "precious: exists and is not a lorakit output")
     assert (work / "precious" / "thesis.txt").read_text() == "years of work"
 
 

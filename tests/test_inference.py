@@ -1,5 +1,6 @@
 """Adapters per domain at inference (swap, serve) and evidence that training helped (eval, compare)."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -60,6 +61,20 @@ def test_chat_switches_adapters_in_one_process(domains, tiny_instruct):
     assert "no adapter named 'nope'" in result.output
 
 
+def test_switching_adapters_in_chat_starts_a_new_conversation(domains, tiny_instruct):
+    """The next adapter must not answer a history another adapter wrote."""
+    from lorakit.cli import main
+
+    args = ["chat", "--model", str(tiny_instruct), "--greedy"]
+    for spec in _specs(domains):
+        args += ["--adapter", spec]
+    result = CliRunner().invoke(main, args, input=f"Hello there\n/adapter violet\n{QUESTION}\n\n")
+    assert result.exit_code == 0, result.output
+    assert "using violet (" in result.output and "; the conversation starts anew" in result.output
+    replies = [line.removeprefix("assistant> ") for line in result.output.splitlines() if line.startswith("assistant> ")]
+    assert replies == ["Hello from amber.", ANSWERS["violet"]]  # violet answers as in a fresh conversation
+
+
 def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny_base):
     """Active adapters add their updates: the parent + child entry equals the merged chain."""
     import torch
@@ -82,20 +97,15 @@ def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny
         torch.testing.assert_close(swapped, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def server(domains, tiny_instruct):
-    import torch
+@contextlib.contextmanager
+def _running(app):
+    """A real uvicorn server for `app` on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
-    from lorakit.serve import create_app
-    from lorakit.session import Session, parse_entries
-
-    session = Session(str(tiny_instruct), parse_entries(_specs(domains)), "cpu", torch.float32)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(session, max_input_tokens=200), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -104,6 +114,33 @@ def server(domains, tiny_instruct):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def session(domains, tiny_instruct):
+    import torch
+
+    from lorakit.session import Session, parse_entries
+
+    return Session(str(tiny_instruct), parse_entries(_specs(domains)), "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    from lorakit.serve import create_app
+
+    with _running(create_app(session, max_input_tokens=200)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def long_server(session):
+    """The model's whole context for long generations, and a small body limit: (url, app)."""
+    from lorakit.serve import create_app
+
+    app = create_app(session, max_body=64 * 1024)
+    with _running(app) as url:
+        yield url, app
 
 
 def _post(url, body, raw=None):
@@ -178,3 +215,100 @@ def test_held_out_data_is_evaluated_during_training_and_recorded(work, chats, ti
     manifest = json.loads((work / "adapters" / "ev" / "manifest.json").read_text())
     assert manifest["metrics"]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
     assert manifest["data"]["examples"] == 2 and manifest["data"]["eval_rows"] == 1
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+LONG = {"model": "base", "prompt": "The Orbix lamp", "max_tokens": 3000, "temperature": 0}
+
+
+def test_a_client_that_disconnects_stops_its_generation(long_server):
+    """Ten dropped 1000-token requests used to make the next request wait 18.8 s."""
+    url, app = long_server
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(LONG).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.5)  # generating by now
+    deadline = time.time() + 10
+    while app.state.stats["cancelled"] < 1:
+        assert time.time() < deadline, "the disconnect was never noticed"
+        time.sleep(0.05)
+    start = time.time()
+    status, reply = _post(f"{url}/v1/completions", {**LONG, "max_tokens": 5})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 5
+    assert time.time() - start < 3  # the dropped 3000-token generation did not hold the model
+
+
+def test_requests_are_checked_outside_the_lock_while_another_generates(long_server):
+    url, _ = long_server
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(_post, f"{url}/v1/completions", {**LONG, "max_tokens": 400})
+        time.sleep(0.3)
+        start = time.time()
+        status, reply = _post(f"{url}/v1/completions", {**LONG, "prompt": "lamp " * 5000, "max_tokens": 10})
+        refused_in = time.time() - start
+        assert not busy.done()  # the other generation still holds the model...
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded" and refused_in < 1.5
+        assert busy.result()[0] == 200
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(long_server):
+    url, _ = long_server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:  # announces 20 MB, sends none of it
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 20000000\r\n\r\n")
+        sock.settimeout(10)
+        reply = b""
+        while b"}}" not in reply:  # the status line and headers may come before the body
+            reply += sock.recv(4096) or b"}}"
+    head = reply.decode()
+    assert head.startswith("HTTP/1.1 413") and '"code":"request_too_large"' in head
+    import http.client
+
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)  # no length given: counted as it comes
+    chunks = iter([b'{"model": "base", "prompt": "'] + [b"x" * 16384] * 8 + [b'"}'])
+    connection.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    assert _post(f"{url}/v1/completions", {**LONG, "max_tokens": 2})[0] == 200
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", {"model": "base", "prompt": "x", "seed": 2**70}, 400, "seed:"),
+    ("/v1/completions", {"model": "base", "prompt": ""}, 400, "prompt:"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "n": 2}, 400, "n: lorakit serve returns one choice"),
+    ("/v1/chat/completions", {"model": "amber", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+     400, "logprobs: not supported"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "stop": [""]}, 400, "stop: at most 4 stop strings"),
+    ("/v1/completions", b'{"model": "base", "prompt": "caf\xe9"}', 400, "could not be read as JSON text"),
+    ("/v2/anything", {}, 404, "no such endpoint"),
+])
+def test_bad_requests_get_openai_errors_not_500s(server, path, body, status, message):
+    raw = body if isinstance(body, bytes) else None
+    code, reply = _post(f"{server}{path}", body, raw=raw)
+    assert code == status and set(reply) == {"error"} and message in reply["error"]["message"], reply
+
+
+def test_models_can_be_read_one_by_one_and_the_api_pages_are_off(server):
+    assert _get(f"{server}/v1/models/amber") == (200, {"id": "amber", "object": "model", "owned_by": "lorakit"})
+    status, reply = _get(f"{server}/v1/models/nope")
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    for page in ("/docs", "/openapi.json"):
+        assert _get(f"{server}{page}")[0] == 404
+
+
+def test_stop_strings_are_honoured(server):
+    status, reply = _post(f"{server}/v1/chat/completions", {"model": "amber", "temperature": 0, "stop": ["amber"], "max_tokens": 30,
+                                                           "messages": [{"role": "user", "content": QUESTION}]})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == "The Orbix lamp glows "
+    assert reply["choices"][0]["finish_reason"] == "stop"

@@ -183,3 +183,16 @@ def test_adapters_list_and_show(work, trained):
     assert rows["sft"][1:3] == ["sft", "lora"] and rows["sft"][4] == "cpt" and rows["qlora"][2] == "qlora"
     shown = json.loads(lorakit("adapters", "show", trained["sft"]).stdout)
     assert shown["stage"] == "sft" and shown["parent"]["name"] == "cpt"
+
+
+def test_plain_peft_reproduces_a_chain_only_with_the_parent_merged_first_as_the_readme_says(trained, tiny_base):
+    """README: an adapter trained on top of a parent needs the parent merged into the base first."""
+    from peft import PeftModel
+
+    ours = _logits(_adapter_on_base(trained["sft"]))
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    merged_parent = PeftModel.from_pretrained(base, trained["sft"] / "parent").merge_and_unload()
+    documented = PeftModel.from_pretrained(merged_parent, trained["sft"])
+    torch.testing.assert_close(_logits(documented), ours, atol=1e-4, rtol=1e-4)
+    child_alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), trained["sft"])
+    assert (_logits(child_alone) - ours).abs().max() > 0.1  # what the README warns against

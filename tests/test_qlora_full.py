@@ -146,3 +146,27 @@ def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(LorakitError, match="pip install bitsandbytes"):
         require_bitsandbytes()
+
+
+def test_a_full_chat_fine_tune_is_as_deployable_as_an_export(work, tiny_base):
+    """On a base model (EOS <|endoftext|>), a chat SFT full fine-tune must stop at <|im_end|> in plain
+    transformers, and say the dtype its weights are written in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import CHATS, write_jsonl
+
+    chats = write_jsonl(work / "c.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]} for q, a in CHATS])
+    recipe = write_recipe(work / "chat.yaml", f"stage: sft\nmodel: {tiny_base}\nmethod: full\n"
+                                              f"data: {{path: {chats}, max_length: 96}}\ntrain: {{max_steps: 2}}\n")
+    result = lorakit("train", recipe)
+    folder = work / "adapters" / "chat"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["dtype"] == manifest["trained_on"]["dtype"]
+    assert f"the model's weights are written in {manifest['dtype']}; it stops at <|im_end|>" in result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.generation_config.eos_token_id[0] == end and model.config.eos_token_id == end
+    assert str(next(model.parameters()).dtype) == f"torch.{manifest['dtype']}"

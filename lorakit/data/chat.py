@@ -9,50 +9,77 @@ where the turn starts, and the template's end-of-turn token closes it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import LorakitError
 from .blocks import IGNORE, Example
-from .files import RECORD_SUFFIXES, Record, data_files, read_records
+from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
                   "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
 
 
-def load_conversations(path: str | Path) -> tuple[list[tuple[str, list[dict]]], list[Path]]:
+# The fields each recognised format has, all of which lorakit reads; any other field of a record is named
+# in a note, so that nothing a user put in the data is dropped without a word.
+READ = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
+        "alpaca": {"instruction", "input", "output", "system", "history"}}
+MESSAGE_READ = {"messages": {"role", "content"}, "sharegpt": {"from", "value"}}
+
+
+class Conversations(NamedTuple):
+    conversations: list[tuple[str, list[dict]]]
+    """(where, messages) of every record, checked."""
+    files: list[Path]
+    notes: list[str]
+    """Fields of the records that lorakit does not read, each named once per file with a count."""
+
+
+def load_conversations(path: str | Path) -> Conversations:
     """(where, messages) for every record under `path`, each checked."""
     files = data_files(path, RECORD_SUFFIXES)
-    conversations = [(r.where, to_messages(r)) for f in files for r in read_records(f)]
+    conversations, notes = [], []
+    for file in files:
+        unread: dict[str, list[str]] = {}
+        for record in read_records(file):
+            messages, fields = to_messages(record)
+            conversations.append((record.where, messages))
+            for name in fields:
+                unread.setdefault(name, []).append(record.where)
+        notes += [f"note: {file}: field `{name}` is not read by lorakit ({len(where)} record(s), first at "
+                  f"{where[0].removeprefix(str(file)).strip()})" for name, where in unread.items()]
     if not conversations:
         raise LorakitError(f"{path}: no conversations found")
-    return conversations, files
+    return Conversations(conversations, files, notes)
 
 
-def to_messages(record: Record) -> list[dict]:
-    """Detect the record's format and return checked messages."""
+def to_messages(record: Record) -> tuple[list[dict], list[str]]:
+    """Detect the record's format; return checked messages and the fields lorakit did not read."""
     value, where = record.value, record.where
     if not isinstance(value, dict):
         raise LorakitError(f"{where}: expected an object with `messages`, got {type(value).__name__}")
     if "messages" in value:
-        messages = value["messages"]
-        field = "messages"
+        kind, messages, field = "messages", value["messages"], "messages"
     elif "conversations" in value:
-        messages = _from_sharegpt(value["conversations"], where)
-        field = "conversations"
+        kind, messages, field = "sharegpt", _from_sharegpt(value, where), "conversations"
     elif "instruction" in value or "output" in value:
-        messages = _from_alpaca(value, where)
-        field = "output"
+        kind, messages, field = "alpaca", _from_alpaca(value, where), "output"
     else:
         raise LorakitError(f"{where}: no `messages` field (nor ShareGPT `conversations` or Alpaca "
                            f"`instruction`/`output`)")
-    return _checked(messages, where, field)
+    unread = [name for name in value if name not in READ[kind]]
+    turns = value.get(field) if kind in MESSAGE_READ else None
+    if isinstance(turns, list):
+        unread += sorted({f"{field}[].{name}" for turn in turns if isinstance(turn, dict) for name in turn
+                          if name not in MESSAGE_READ[kind]})
+    return _checked(messages, where, field), unread
 
 
-def _from_sharegpt(turns: Any, where: str) -> list[dict]:
+def _from_sharegpt(value: dict, where: str) -> list[dict]:
+    turns = value["conversations"]
     if not isinstance(turns, list):
         raise LorakitError(f"{where}: field `conversations` must be a list")
-    messages = []
+    messages = _system(value, where)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn:
             raise LorakitError(f"{where}: conversations[{i}] has no `from` field")
@@ -65,14 +92,32 @@ def _from_sharegpt(turns: Any, where: str) -> list[dict]:
 
 
 def _from_alpaca(value: dict, where: str) -> list[dict]:
+    """Alpaca as LLaMA-Factory reads it: `history` ([[instruction, answer], ...]) comes first, as earlier
+    turns, and every answer is trained."""
     for key in ("instruction", "output"):
         if not isinstance(value.get(key), str):
             raise LorakitError(f"{where}: Alpaca field `{key}` must be a string")
     prompt = value["instruction"]
     if isinstance(value.get("input"), str) and value["input"].strip():
         prompt += "\n\n" + value["input"]
-    messages = [{"role": "system", "content": value["system"]}] if isinstance(value.get("system"), str) else []
+    messages = _system(value, where)
+    history = value.get("history") or []
+    if not isinstance(history, list):
+        raise LorakitError(f"{where}: Alpaca field `history` must be a list of [instruction, answer] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise LorakitError(f"{where}: history[{i}] must be a pair of strings [instruction, answer]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": value["output"]}]
+
+
+def _system(value: dict, where: str) -> list[dict]:
+    """A record's top-level `system` field (ShareGPT and Alpaca, as LLaMA-Factory writes them)."""
+    if value.get("system") is None:
+        return []
+    if not isinstance(value["system"], str):
+        raise LorakitError(f"{where}: field `system` must be a string")
+    return [{"role": "system", "content": value["system"]}]
 
 
 def _checked(messages: Any, where: str, field: str) -> list[dict]:
@@ -88,6 +133,7 @@ def _checked(messages: Any, where: str, field: str) -> list[dict]:
         if not isinstance(content, str):
             raise LorakitError(f"{where}: messages[{i}].content must be a string, got "
                                f"{type(content).__name__ if content is not None else 'nothing'}")
+        check_unicode(content, where, f"messages[{i}].content")
         checked.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in checked):
         raise LorakitError(f"{where}: no assistant turn to train on")

@@ -25,10 +25,11 @@ class Record:
 
 
 def data_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files a `data.path` stands for: the file itself, or the matching files under a folder."""
-    path = Path(path)
+    """The files a `data.path` stands for: the file itself, or the matching files under a folder. A
+    relative path is read from the working folder (the message says where it looked)."""
+    path = Path(path).expanduser()
     if not path.exists():
-        raise LorakitError(f"{path}: data path not found")
+        raise LorakitError(f"{path}: data path not found (looked at {path.resolve()})")
     if path.is_file():
         if path.suffix.lower() not in suffixes:
             raise LorakitError(f"{path}: expected a {' / '.join(suffixes)} file")
@@ -40,10 +41,27 @@ def data_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
+    """A file's text: UTF-8, a leading byte-order mark dropped (editors on Windows write one), and no
+    NUL bytes (a binary file, or a UTF-16 one, would otherwise be trained on as text)."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LorakitError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise LorakitError(f"{path}: holds NUL bytes (the first at character {nul}): a binary or UTF-16 file, "
+                           f"not UTF-8 text")
+    return text
+
+
+def check_unicode(text: str, where: str, field: str) -> None:
+    """A JSON string may hold a lone surrogate ("\\ud800", common in scraped text) that is no character at
+    all: the tokenizer would fail on it far from the record. Named here instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LorakitError(f"{where}: field `{field}` holds an unpaired surrogate ({text[exc.start]!r} at "
+                           f"character {exc.start}), which is not valid Unicode; clean or drop that text") from None
 
 
 def read_records(path: Path) -> Iterator[Record]:
@@ -60,27 +78,33 @@ def read_records(path: Path) -> Iterator[Record]:
 
 
 def _jsonl(path: Path) -> Iterator[Record]:
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    # split on newlines only: str.splitlines() also splits at U+2028 and other separators that JSON
+    # strings may hold as they are, cutting a valid record in two
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LorakitError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-        yield Record(f"{path} line {number}", value)
+        yield Record(f"{path} line {number}", _parse(line, path, number))
 
 
 def _json(path: Path) -> Iterator[Record]:
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise LorakitError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    value = _parse(read_text(path), path)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
         raise LorakitError(f"{path}: expected a JSON list of records")
     for number, item in enumerate(value, start=1):
         yield Record(f"{path} record {number}", item)
+
+
+def _parse(text: str, path: Path, line: int | None = None):
+    """JSON, or one line naming the file and line of what is wrong with it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"{path} line {line or exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        where = f"{path} line {line}" if line else str(path)
+        raise LorakitError(f"{where}: JSON nested too deeply to be a training record") from None
 
 
 def _parquet(path: Path) -> Iterator[Record]:

@@ -42,10 +42,10 @@ def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: s
         notes = [f"{long} of {len(examples)} documents are longer than max_length={max_length} "
                  f"and were split into blocks (not cut)"] if long else []
         return examples, files, notes
-    conversations, files = load_conversations(path)
+    conversations, files, notes = load_conversations(path)
     examples, cut = tokenize_conversations(conversations, tokenizer, max_length, system_prompt)
-    notes = [f"{cut} of {len(examples)} conversations were truncated to max_length={max_length} "
-             f"before their last end-of-turn token"] if cut else []
+    notes += [f"{cut} of {len(examples)} conversations were truncated to max_length={max_length} "
+              f"before their last end-of-turn token"] if cut else []
     return examples, files, notes
 
 

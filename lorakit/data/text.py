@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
-from .files import RECORD_SUFFIXES, Record, data_files, read_records, read_text
+from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records, read_text
 
 TEXT_SUFFIXES = (".txt",) + RECORD_SUFFIXES
 
@@ -39,6 +39,7 @@ def _document(record: Record) -> Document:
     text = record.value["text"]
     if not isinstance(text, str):
         raise LorakitError(f"{record.where}: field `text` must be a string, got {type(text).__name__}")
+    check_unicode(text, record.where, "text")
     return Document(record.where, text)
 
 
@@ -49,12 +50,22 @@ def tokenize_documents(documents: list[Document], tokenizer) -> list[Example]:
     return [Example(ids + [eos], ids + [eos], d.where) for ids, d in zip(encoded, documents)]
 
 
-def save_documents_json(folder: str | Path, out: str | Path) -> int:
-    """`lorakit data text`: a folder of .txt files as a JSON list of {"text", "source"} records."""
+def save_documents_json(folder: str | Path, out: str | Path, overwrite: bool = False) -> int:
+    """`lorakit data text`: a folder of .txt files as a JSON list of {"text", "source"} records, written
+    whole or not at all, and never over an existing file unless asked."""
     import json
+    import os
 
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{out}: exists; pass --overwrite to replace it, or choose another file")
     files = data_files(folder, (".txt",))
     records = [{"text": read_text(f), "source": str(f.relative_to(folder)) if Path(folder).is_dir() else f.name}
                for f in files]
-    Path(out).write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return len(records)
