@@ -27,7 +27,7 @@ from common import ROOT, cpt_recipe, ensure_model
 
 HOG = "while True: pass"
 TORCH_NEIGHBOUR = ("import torch\nx = torch.randn(512, 512)\nwhile True:\n    for _ in range(50): x = torch.tanh(x @ x)\n")
-SETTINGS = {  # what the training process is started with (lorakit's own choice: lorakit/threads.py)
+SETTINGS = {  # what the training process is started with (lorakit's own choice: lorakit/system/threads.py)
     "torch default (2 threads, libgomp spins 300k rounds)": {"LORAKIT_THREADS": "torch"},
     "1 thread (OMP_NUM_THREADS=1)": {"LORAKIT_THREADS": "torch", "OMP_NUM_THREADS": "1"},
     "passive waiting (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakit.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2  # noqa: E402
+from lorakit.demo.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2  # noqa: E402
 
 SHAPES = {
     "0.5b": QWEN2_0_5B_SHAPE,
@@ -99,7 +99,7 @@ def flop_params(model_dir: Path) -> int:
     """Parameters that cost matmul FLOPs per token: every linear layer of the blocks and the output head."""
     from transformers import AutoConfig
 
-    from lorakit.plan import Shape
+    from lorakit.training.plan import Shape
 
     shape = Shape.of(AutoConfig.from_pretrained(model_dir))
     return shape.block_linear_params + shape.vocab * shape.hidden

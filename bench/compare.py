@@ -71,7 +71,7 @@ def plain(stage: str, model_dir: Path, data: Path, limit: int) -> dict:
 def lorakit(stage: str, model_dir: Path, data: Path, limit: int) -> dict:
     """lorakit with its defaults: only what the workload fixes is set."""
     from lorakit.recipe import load_recipe
-    from lorakit.train import run
+    from lorakit.training.run import run
 
     work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
     subset = work / data.name

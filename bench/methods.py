@@ -27,7 +27,7 @@ def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
     import torch
 
     from lorakit.recipe import load_recipe
-    from lorakit.train import run
+    from lorakit.training.run import run
 
     recipe_file = cpt_recipe(ensure_model(shape), seq, f"max_steps: {steps}, batch_size: 1, logging_steps: 1, "
                                                         f"lr: 1.0e-4, dtype: {dtype}")

@@ -26,9 +26,9 @@ def recipe_file(method: str, seq: int, shape: str) -> Path:
 
 
 def child(method: str, seq: int, shape: str) -> None:
-    from lorakit.plan import plan
+    from lorakit.training.plan import plan
     from lorakit.recipe import load_recipe
-    from lorakit.train import run
+    from lorakit.training.run import run
 
     recipe = load_recipe(recipe_file(method, seq, shape))
     estimate = plan(recipe)

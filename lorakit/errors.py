@@ -13,3 +13,9 @@ class Interrupted(LorakitError):
     """Ctrl-C or SIGTERM: the work stopped cleanly (a training run wrote a checkpoint to resume from)."""
 
     exit_code = 130
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (a library's error, quoted inside one of ours)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import LorakitError
+from .errors import LorakitError, first_line
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class TrainSettings:
     seed: int = 42
     """Seeds weights of new adapters, dropout and data order."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype. auto: bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on a CPU."""
+    """Compute dtype. auto: bf16 on a GPU that supports it and on a CPU with native bf16 (AVX512-BF16 or
+    AMX), fp16 on an older GPU, fp32 on other CPUs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train. auto: the GPU when there is one."""
     gradient_checkpointing: bool = False
@@ -195,12 +197,17 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        from .outputs import output_path
-
         return output_path(self.output) if self.output else Path("adapters") / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def output_path(path: str | Path) -> Path:
+    """The folder a user's output setting names: `~` expanded; a symbolic link is followed, so the
+    link keeps pointing at the new output instead of being replaced by a folder."""
+    out = Path(path).expanduser()
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 SECTIONS = {"data": DataSettings, "lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings}
@@ -214,7 +221,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LorakitError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+        raise LorakitError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise LorakitError(f"{path}: a recipe is a mapping of keys to values")
     raw.setdefault("name", path.stem)
@@ -320,5 +327,3 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

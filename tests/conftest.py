@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorakit.threads import share_cores  # noqa: E402  (before any test module imports torch)
+from lorakit.system.threads import share_cores  # noqa: E402  (before any test module imports torch)
 
 share_cores()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +38,7 @@ def tokenizer_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny base-style Qwen2: EOS <|endoftext|>, ChatML template present (as in Qwen2-0.5B)."""
-    from lorakit.tiny import build_tiny_qwen2
+    from lorakit.demo.tiny import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-base", tokenizer_texts(), instruct=False)
 
@@ -46,7 +46,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_instruct(tmp_path_factory) -> Path:
     """A tiny instruct-style Qwen2: EOS <|im_end|>."""
-    from lorakit.tiny import build_tiny_qwen2
+    from lorakit.demo.tiny import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-instruct", tokenizer_texts(), instruct=True)
 
@@ -54,7 +54,7 @@ def tiny_instruct(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_base(tmp_path_factory) -> Path:
     """A different tiny Qwen2 (other width): adapters of tiny_base must not apply to it."""
-    from lorakit.tiny import build_tiny_qwen2
+    from lorakit.demo.tiny import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "other", tokenizer_texts(), instruct=False,
                             hidden=32)

@@ -110,13 +110,25 @@ CASES = {
         "method: qlora cannot build on a parent adapter yet"),
     "missing parent": (_recipe("stage: sft\nparent: adapters/nosuch\ndata: {{path: d.jsonl}}\n"),
                        "adapters/nosuch: adapter folder not found (looked at "),
+    "an empty messages list": (_sft([{"messages": []}]), "d.jsonl line 1: field `messages` must be a non-empty list"),
+    "content is a number": (_sft([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}]),
+                            "d.jsonl line 1: messages[1].content must be a string, got int"),
+    "a hub id while the hub is unreachable": (
+        _recipe("stage: cpt\nmodel: Qwen/Qwen2-0.5B\ndata: {{path: d.txt}}\n"),
+        "Qwen/Qwen2-0.5B: not a local folder (looked at "),
+    "a folder that is not a model": (lambda w, m: (w / "notamodel").mkdir() or
+                                     "stage: cpt\nmodel: notamodel\ndata: {path: d.txt}\n",
+                                     "notamodel: not a model folder (no config.json)"),
     "missing local model under a models folder": (
         lambda w, m: (w / "models").mkdir() or "stage: cpt\nmodel: models/nosuch\ndata: {path: d.txt}\n",
         "models/nosuch: model folder not found (looked at "),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+TRAINS_FIRST = {"adapter of another base", "qlora on a parent, before the data"}  # set-ups that train a parent
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in TRAINS_FIRST else c for c in CASES])
 def test_bad_input_gets_one_line_and_writes_nothing(case, work, tiny_base, tiny_instruct, other_base):
     setup, message = CASES[case]
     models = {"base": tiny_base, "instruct": tiny_instruct, "other": other_base}
@@ -127,6 +139,15 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, work, tiny_base, tiny_
     assert message in lines[-1] and "Traceback" not in result.stderr, result.stderr
     written = [p for p in (work / "adapters").rglob("*")] if (work / "adapters").exists() else []
     assert written in ([], [work / "adapters" / "mine", work / "adapters" / "mine" / "notes.txt"]), written
+    if case == "a hub id while the hub is unreachable":  # conftest keeps the hub offline
+        assert "could not be reached" in lines[-1] and "--local-dir" in lines[-1]
+    if written:
+        assert (work / "adapters" / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(work):
+    with pytest.raises(LorakitError):
+        lorakit("--debug", "train", write_recipe(work / "r.yaml", "stage: cpt\nmodel: ./x\ndata: {path: d.txt}\n"))
 
 
 json_values = st.recursive(
@@ -214,6 +235,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow  # the damaged adapters are copies of one trained chain
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 def test_a_damaged_adapter_is_one_line_naming_the_file_in_every_command(chain, work, corruption, command):
@@ -227,6 +249,7 @@ def test_a_damaged_adapter_is_one_line_naming_the_file_in_every_command(chain, w
     assert not (work / "out").exists()
 
 
+@pytest.mark.slow
 def test_one_damaged_manifest_does_not_hide_the_other_adapters(chain, work):
     shutil.copytree(chain, work / "adapters" / "good")
     shutil.copytree(chain, work / "adapters" / "bad")

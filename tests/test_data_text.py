@@ -63,7 +63,7 @@ def test_packing_changes_no_logit_inside_a_document(tiny_base):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.modeling import for_training
+    from lorakit.weights.loading import for_training
 
     model = for_training(AutoModelForCausalLM.from_pretrained(tiny_base)).train()
     first, second = [11, 12, 13, 14], [21, 22, 23]

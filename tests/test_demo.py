@@ -1,6 +1,10 @@
 """The README's first command ends in `lorakit demo`: it must run offline and show learning."""
 
+import pytest
+
 from conftest import lorakit
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 
 def test_the_demo_trains_both_stages_and_the_answers_move_to_the_training_data(work):

@@ -1,5 +1,6 @@
 """Beyond one device: 2-process DDP on CPU (gloo) through torchrun, checked against one process."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import lorakit, write_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 RECIPE = """stage: cpt
 model: {model}

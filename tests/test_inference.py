@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from conftest import load_metrics, lorakit, write_jsonl, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 QUESTION = "What colour does the Orbix lamp glow?"
 ANSWERS = {"amber": "The Orbix lamp glows amber at night.", "violet": "The Orbix lamp glows violet at dawn."}
 RECIPE = """stage: sft
@@ -79,8 +81,8 @@ def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny
     """Active adapters add their updates: the parent + child entry equals the merged chain."""
     import torch
 
-    from lorakit.adapters import load_for_inference
-    from lorakit.session import Session
+    from lorakit.weights.folders import load_for_inference
+    from lorakit.inference.session import Session
 
     base = f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\ntrain: {{max_steps: 30, lr: 3.0e-3}}\n"
     lorakit("train", write_recipe(work / "cpt.yaml", base))
@@ -120,14 +122,14 @@ def _running(app):
 def session(domains, tiny_instruct):
     import torch
 
-    from lorakit.session import Session, parse_entries
+    from lorakit.inference.session import Session, parse_entries
 
     return Session(str(tiny_instruct), parse_entries(_specs(domains)), "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
 def server(session):
-    from lorakit.serve import create_app
+    from lorakit.inference.serve import create_app
 
     with _running(create_app(session, max_input_tokens=200)) as url:
         yield url
@@ -136,7 +138,7 @@ def server(session):
 @pytest.fixture(scope="module")
 def long_server(session):
     """The model's whole context for long generations, and a small body limit: (url, app)."""
-    from lorakit.serve import create_app
+    from lorakit.inference.serve import create_app
 
     app = create_app(session, max_body=64 * 1024)
     with _running(app) as url:

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-import lorakit.loss as chunked
+import lorakit.training.loss as chunked
 
 
 def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_base, monkeypatch):
@@ -32,7 +32,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_base, monkeypatc
 
 
 def test_bf16_is_the_cpu_default_only_where_the_cpu_runs_it_natively():
-    from lorakit.modeling import cpu_has_native_bf16, resolve_dtype
+    from lorakit.weights.loading import cpu_has_native_bf16, resolve_dtype
 
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resolve_dtype("auto", "cpu") == expected
@@ -41,8 +41,8 @@ def test_bf16_is_the_cpu_default_only_where_the_cpu_runs_it_natively():
 
 def test_packed_attention_equals_the_masked_attention_it_replaces(tiny_base):
     """Per-example fused attention gives the logits and gradients of transformers' block-diagonal mask."""
-    from lorakit.attention import restore, use_packed
-    from lorakit.modeling import for_training
+    from lorakit.training.attention import restore, use_packed
+    from lorakit.weights.loading import for_training
 
     model = for_training(AutoModelForCausalLM.from_pretrained(tiny_base)).train()
     torch.manual_seed(0)
@@ -80,6 +80,6 @@ def test_the_loss_stays_finite_where_a_target_probability_underflows():
 def test_cpu_training_keeps_freed_memory_where_the_c_library_is_glibc():
     import platform
 
-    from lorakit.allocator import keep_freed_memory
+    from lorakit.system.allocator import keep_freed_memory
 
     assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -7,6 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CHATS, DOCS, lorakit, write_jsonl, write_recipe
+import lorakit.weights.export as export_module
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 RECIPE = """stage: {stage}
 {base}
@@ -51,7 +54,7 @@ def _logits(model, ids=PROBE):
 
 
 def _adapter_on_base(*adapters, quantized=True):
-    from lorakit.adapters import load_for_inference
+    from lorakit.weights.folders import load_for_inference
 
     return load_for_inference(None, [str(a) for a in adapters], "cpu", torch.float32, quantized=quantized)[0]
 
@@ -160,9 +163,7 @@ def test_combinations_that_would_be_wrong_are_refused(work, trained, combination
 
 
 def test_a_failed_verification_leaves_no_output(work, trained, monkeypatch):
-    from lorakit import merge
-
-    real = merge.merged_model
+    real = export_module.merged_model
 
     def wrong(adapters, *args, **kwargs):  # a merge that silently drops the adapter
         model, tokenizer = real(adapters, *args, **kwargs)
@@ -170,7 +171,7 @@ def test_a_failed_verification_leaves_no_output(work, trained, monkeypatch):
             p.data.add_(0.05)
         return model, tokenizer
 
-    monkeypatch.setattr("lorakit.export.merged_model", wrong)
+    monkeypatch.setattr(export_module, "merged_model", wrong)
     result = lorakit("export", trained["cpt"], "-o", work / "broken", "--dtype", "fp32", expect=1)
     assert "logits differ by" in result.stderr
     assert not (work / "broken").exists() and not list(work.glob(".broken*"))

@@ -1,13 +1,14 @@
 """`lorakit plan`: the peak memory of a run, part by part, from the config alone."""
 
 from conftest import lorakit, write_recipe
-from lorakit.plan import Shape, estimate, lora_params, parse_size, total
+import lorakit.training.plan as plan_module
+from lorakit.training.plan import Shape, estimate, lora_params, parse_size, total
 
 
 def test_parameter_counts_match_the_model(tiny_base):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.modeling import attach_lora
+    from lorakit.weights.loading import attach_lora
     from lorakit.recipe import LoraSettings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -18,7 +19,7 @@ def test_parameter_counts_match_the_model(tiny_base):
 
 
 def test_the_plan_grows_with_the_work_and_checkpointing_saves_memory():
-    from lorakit.tiny import QWEN2_0_5B_SHAPE
+    from lorakit.demo.tiny import QWEN2_0_5B_SHAPE
 
     config = type("C", (), {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
                             "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
@@ -50,7 +51,7 @@ def test_plan_command_reports_parts_and_what_fits_a_budget(work, corpus, tiny_ba
 
 
 def test_train_warns_when_the_plan_exceeds_free_memory(work, corpus, tiny_base, monkeypatch):
-    monkeypatch.setattr("lorakit.plan.free_memory", lambda device: 1024.0)
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: 1024.0)
     recipe = write_recipe(work / "r.yaml", f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\n"
                                            f"train: {{max_steps: 1}}\n")
     result = lorakit("train", recipe)

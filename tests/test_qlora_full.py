@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DOCS, load_metrics, lorakit, write_recipe
+import lorakit.training.run as run_module
 from lorakit.errors import LorakitError
 
 RECIPE = """stage: cpt
@@ -25,6 +26,7 @@ def _train(work, corpus, model, method, steps=150, lr="3.0e-3", extra=()):
     return work / "adapters" / method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_lowers_the_loss_and_reloads_on_a_fresh_quantized_base(work, corpus, tiny_base, bits):
     adapter = _train(work, corpus, tiny_base, "qlora", extra=[f"quant.bits={bits}", "train.dtype=fp32"])
@@ -39,12 +41,13 @@ def test_qlora_lowers_the_loss_and_reloads_on_a_fresh_quantized_base(work, corpu
     assert continued.startswith(DOCS[0][:50]), continued
 
 
+@pytest.mark.slow
 def test_4bit_base_survives_evaluate_then_train_then_merge(tiny_base):
     """The bitsandbytes CPU repacking hazard: an eval forward without gradients first, then training,
     then a merge that must equal the 4-bit model plus adapter."""
-    from lorakit.merge import merged_model
-    from lorakit.modeling import load_model, make_trainable
-    from lorakit.quant import describe
+    from lorakit.weights.export import merged_model
+    from lorakit.weights.loading import load_model, make_trainable
+    from lorakit.weights.quant import describe
     from lorakit.recipe import LoraSettings, QuantSettings
 
     quantization = describe(QuantSettings(), torch.float32)
@@ -72,6 +75,7 @@ def test_4bit_base_survives_evaluate_then_train_then_merge(tiny_base):
     assert (original - trained).abs().max() > 1e-3  # the original weights are not what it trained on
 
 
+@pytest.mark.slow
 def test_the_cpu_repacking_hazard_is_real_without_the_fix(tiny_base):
     """Keeps the test above honest: plain loading on this CPU does break training after an eval."""
     from bitsandbytes.functional import has_avx512bf16
@@ -90,6 +94,7 @@ def test_the_cpu_repacking_hazard_is_real_without_the_fix(tiny_base):
         model(input_ids=PROBE, labels=PROBE).loss.backward()
 
 
+@pytest.mark.slow
 def test_full_fine_tune_changes_every_weight_and_writes_a_plain_model_folder(work, corpus, tiny_base):
     model = _train(work, corpus, tiny_base, "full", steps=60, lr="1.0e-3", extra=[])
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "manifest.json",
@@ -106,6 +111,7 @@ def test_full_fine_tune_changes_every_weight_and_writes_a_plain_model_folder(wor
     assert "total:" in lorakit("inspect", model).stdout
 
 
+@pytest.mark.slow
 def test_the_full_flag_is_method_full(work, corpus, tiny_base):
     text = RECIPE.format(model=tiny_base, method="lora", data=corpus, steps=3, lr="1.0e-3")
     out = lorakit("train", write_recipe(work / "f.yaml", text), "--full").stdout
@@ -113,8 +119,9 @@ def test_the_full_flag_is_method_full(work, corpus, tiny_base):
     assert json.loads((work / "adapters" / "f" / "manifest.json").read_text())["method"] == "full"
 
 
+@pytest.mark.slow
 def test_a_save_that_does_not_reproduce_the_trained_model_is_never_published(work, corpus, tiny_base, monkeypatch):
-    import lorakit.adapters as adapters
+    import lorakit.weights.folders as adapters
 
     real = adapters.write_adapter
 
@@ -124,7 +131,7 @@ def test_a_save_that_does_not_reproduce_the_trained_model_is_never_published(wor
         from safetensors.torch import save_file
         save_file({k: torch.zeros_like(v) for k, v in weights.items()}, staging / "adapter_model.safetensors")
 
-    monkeypatch.setattr("lorakit.train.write_adapter", broken)
+    monkeypatch.setattr(run_module, "write_adapter", broken)
     text = RECIPE.format(model=tiny_base, method="lora", data=corpus, steps=20, lr="3.0e-3")
     result = lorakit("train", write_recipe(work / "b.yaml", text), expect=1)
     assert "logits differ by" in result.stderr and "not kept" in result.stderr
@@ -134,7 +141,7 @@ def test_a_save_that_does_not_reproduce_the_trained_model_is_never_published(wor
 def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
     import builtins
 
-    from lorakit.quant import require_bitsandbytes
+    from lorakit.weights.quant import require_bitsandbytes
 
     real_import = builtins.__import__
 
@@ -148,6 +155,7 @@ def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
         require_bitsandbytes()
 
 
+@pytest.mark.slow
 def test_a_full_chat_fine_tune_is_as_deployable_as_an_export(work, tiny_base):
     """On a base model (EOS <|endoftext|>), a chat SFT full fine-tune must stop at <|im_end|> in plain
     transformers, and say the dtype its weights are written in."""

@@ -1,5 +1,6 @@
 """Reliability: resume exactly after a kill, stop cleanly on signals and NaN, one run per output."""
 
+import pytest
 import json
 import os
 import re
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import lorakit, write_recipe
+import lorakit.training.run as run_module
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 RECIPE = """stage: cpt
 model: {model}
@@ -88,7 +92,7 @@ def test_ctrl_c_writes_a_checkpoint_says_how_to_resume_and_exits_non_zero(work, 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(work, corpus, tiny_base,
                                                                                       monkeypatch):
-    from lorakit.modeling import make_trainable as real
+    from lorakit.weights.loading import make_trainable as real
 
     calls = {"n": 0}
 
@@ -104,7 +108,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr("lorakit.train.make_trainable", blows_up_at_step_15)
+    monkeypatch.setattr(run_module, "make_trainable", blows_up_at_step_15)
     result = lorakit("train", _recipe(work, "nan", tiny_base, corpus), expect=1)
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the loss became nan at step 15: training stopped"), line
@@ -117,7 +121,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 def test_two_runs_cannot_write_the_same_output(work, corpus, tiny_base):
     from pathlib import Path
 
-    from lorakit.runs import output_lock
+    from lorakit.training.checkpoints import output_lock
 
     with output_lock(Path("adapters/locked")):
         result = lorakit("train", _recipe(work, "locked", tiny_base, corpus, steps=2), expect=1)

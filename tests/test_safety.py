@@ -62,6 +62,7 @@ def two_adapters(work, corpus, tiny_base):
     return work / "adapters" / "a", work / "adapters" / "b"
 
 
+@pytest.mark.slow
 def test_export_and_merge_never_replace_a_folder_they_did_not_write(work, two_adapters):
     site = work / "site"
     site.mkdir()
@@ -75,6 +76,7 @@ def test_export_and_merge_never_replace_a_folder_they_did_not_write(work, two_ad
     assert (site / "index.html").read_text() == "<html>" and (site / "manifest.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_a_finished_adapter_is_replaced_only_with_overwrite_and_only_when_it_holds_nothing_else(work, corpus,
                                                                                                   tiny_base):
     recipe = _recipe(work, tiny_base, corpus)
@@ -102,6 +104,7 @@ def test_an_output_that_holds_the_data_is_refused(work, tiny_base):
     assert (work / "data" / "texts" / "a.txt").is_file()
 
 
+@pytest.mark.slow
 def test_a_symlinked_output_is_followed_and_stays_a_link(work, corpus, tiny_base):
     (work / "store").mkdir()
     (work / "adapters").mkdir()
@@ -111,6 +114,7 @@ def test_a_symlinked_output_is_followed_and_stays_a_link(work, corpus, tiny_base
     assert (work / "store" / "v1" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_tilde_in_the_output_is_the_home_folder(work, corpus, tiny_base, monkeypatch):
     monkeypatch.setenv("HOME", str(work / "home"))
     lorakit("train", _recipe(work, tiny_base, corpus, extra="output: ~/adapters/x\n"))
@@ -119,6 +123,7 @@ def test_a_tilde_in_the_output_is_the_home_folder(work, corpus, tiny_base, monke
 
 # --- 2. Work kept through interruptions --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_with_the_output_piped_to_a_reader_that_died_still_checkpoints(work, corpus, tiny_base):
     """`lorakit train R 2>&1 | tee log`, then Ctrl-C: tee dies first, and the next progress line used to
     fail with EPIPE inside the Trainer (exit 1, no checkpoint)."""
@@ -138,9 +143,10 @@ def test_ctrl_c_with_the_output_piped_to_a_reader_that_died_still_checkpoints(wo
     assert len(checkpoints) == 1 and int(checkpoints[0].parent.name.split("-")[1]) < 1000
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_publishing_exits_130_and_resume_writes_the_trained_adapter(work, corpus, tiny_base,
                                                                                  monkeypatch):
-    from lorakit import train
+    from lorakit.training import run as train
 
     real = train._check_reload
 
@@ -162,8 +168,9 @@ def test_ctrl_c_while_publishing_exits_130_and_resume_writes_the_trained_adapter
     assert not (work / "adapters" / ".r.run").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(work, two_adapters, monkeypatch):
-    from lorakit import export
+    from lorakit.weights import export
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -173,8 +180,9 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(work, two_adapters, monk
     assert _error(result) == "error: interrupted (Ctrl-C)" and "Aborted!" not in result.output
 
 
+@pytest.mark.slow
 def test_a_finished_runs_leftover_checkpoints_never_block_the_next_run(work, corpus, tiny_base, monkeypatch):
-    from lorakit import train
+    from lorakit.training import run as train
 
     recipe, real = _recipe(work, tiny_base, corpus), train.remove_folder
     monkeypatch.setattr(train, "remove_folder", lambda folder: None)  # killed between publishing and cleaning up
@@ -193,6 +201,7 @@ def test_a_finished_runs_leftover_checkpoints_never_block_the_next_run(work, cor
     assert not run_folder.exists()
 
 
+@pytest.mark.slow
 def test_what_killed_writes_left_is_listed_then_swept(work, corpus, tiny_base):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -215,8 +224,9 @@ def _enospc(path="adapters/.r.partial/adapter_model.safetensors"):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_final_write_keeps_the_run_for_resume(work, corpus, tiny_base, monkeypatch):
-    from lorakit import train
+    from lorakit.training import run as train
 
     def full(*args, **kwargs):
         raise _enospc()
@@ -254,6 +264,7 @@ def stopped_by_a_full_disk(work, corpus, tiny_base, monkeypatch):
     return recipe, line
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_checkpoint(work,
                                                                                          stopped_by_a_full_disk):
     _, line = stopped_by_a_full_disk
@@ -263,6 +274,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_
     assert sorted(p.name for p in (work / "adapters" / ".r.run").glob("checkpoint-*")) == ["checkpoint-10"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_data_that_changed_since_the_interruption(work, corpus, stopped_by_a_full_disk):
     recipe, _ = stopped_by_a_full_disk
     (corpus / "new.txt").write_text("A document that was not there when the run started, and changes the rows.")

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from conftest import CHATS, DOCS, load_metrics, lorakit, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 CPT = """stage: cpt
 model: {model}
 data: {{path: {data}, max_length: 64}}
@@ -76,7 +78,7 @@ def test_plain_peft_loads_the_adapter_with_the_same_logits_as_lorakit(cpt_adapte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorakit.adapters import load_for_inference
+    from lorakit.weights.folders import load_for_inference
 
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), cpt_adapter).eval()

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import LorakitError
+from ..recipe import Recipe
 from .blocks import IGNORE, Example, pack_examples, stream_blocks
 from .chat import load_conversations, template_system_prompt, tokenize_conversations
 from .files import fingerprint_files
@@ -55,7 +56,7 @@ def to_rows(stage: str, examples: list[Example], max_length: int, packing: bool)
     return pack_examples(examples, max_length, packing)
 
 
-def prepare(recipe, tokenizer) -> Prepared:
+def prepare(recipe: Recipe, tokenizer) -> Prepared:
     """Load, check, tokenize and pack the recipe's data; raises LorakitError naming the bad record."""
     data, stage = recipe.data, recipe.stage
     system_prompt = None

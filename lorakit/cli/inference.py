@@ -1,0 +1,143 @@
+"""Commands that use a trained model: generate, chat, eval, compare, serve."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import LorakitError
+from .options import open_session, placement, sampling_options, session_options
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", help="Base model: hub id or folder (default: the adapter's base).")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter (or full model) folder to apply.")
+@sampling_options
+def generate(prompt, model, adapter, sampling, force):
+    """Continue PROMPT as raw text."""
+    from ..weights.folders import load_for_inference
+    from ..inference.generate import generate_text
+
+    if not prompt:
+        raise LorakitError("the prompt is empty: give the text to continue")
+    lm, tokenizer, _ = load_for_inference(model, adapter, *placement(), force=force)
+    click.echo(prompt + generate_text(lm, tokenizer, prompt, sampling))
+
+
+@click.command()
+@click.option("--model", help="Base model: hub id or folder (default: the first adapter's base).")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter folder, or NAME=FOLDER; repeat to load several and switch with /adapter NAME.")
+@click.option("--prompt", help="Answer this one message (with the first adapter) and exit.")
+@click.option("--system", help="System prompt (default: the one the adapter was trained with).")
+@sampling_options
+def chat(model, adapters, prompt, system, sampling, force):
+    """Chat with a model and its adapters; one-shot with --prompt, interactive otherwise."""
+    session = open_session(model, adapters, force)
+    if prompt is not None:
+        click.echo(_reply(session, [{"role": "user", "content": prompt}], system, sampling))
+        return
+    _chat_loop(session, system, sampling)
+
+
+def _reply(session, messages, system, sampling) -> str:
+    from ..inference.generate import chat_reply
+
+    with session.active() as lm:
+        return chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
+                          sampling)
+
+
+def _chat_loop(session, system, sampling) -> None:
+    import time
+
+    history: list[dict] = []
+    click.echo(f"chat with {session.current or 'the base model'}: an empty line or Ctrl-D ends, /reset forgets, "
+               f"/adapters lists, /adapter NAME switches and starts a new conversation (none: the bare base)")
+    while True:
+        try:
+            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ").strip()
+        except click.exceptions.Abort:  # Ctrl-D / Ctrl-C ends the session quietly
+            return
+        if not line:
+            return
+        if line == "/reset":
+            history = []
+        elif line == "/adapters":
+            click.echo("  ".join(f"*{n}" if n == (session.current or "base") else n for n in session.names))
+        elif line.startswith("/adapter"):
+            start = time.perf_counter()
+            try:
+                session.use(line.removeprefix("/adapter").strip() or None)
+            except LorakitError as exc:
+                click.echo(f"error: {exc}")
+                continue
+            took = 1000 * (time.perf_counter() - start)
+            # A new conversation: the next adapter would otherwise answer a history another one wrote.
+            click.echo(f"using {session.current or 'the base model'} ({took:.1f} ms)"
+                       + ("; the conversation starts anew" if history else ""))
+            history = []
+        else:
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": _reply(session, history, system, sampling)})
+            click.echo(f"assistant> {history[-1]['content']}")
+
+
+@click.command("eval")
+@session_options
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Raw text or conversations.")
+@click.option("--max-length", type=click.IntRange(min=8), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+def eval_command(model, adapters, force, data_path, max_length, batch_size):
+    """Perplexity of the base and of each adapter on DATA, side by side."""
+    from ..inference.evaluate import format_perplexities, perplexities
+
+    session = open_session(model, adapters, force)
+    click.echo(format_perplexities(perplexities(session, data_path, max_length, batch_size)))
+
+
+@click.command()
+@session_options
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help=".txt (one per line) or .jsonl.")
+@click.option("-o", "--output", default="compare.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["auto", "chat", "text"]), default="auto", show_default=True,
+              help="auto: chat when an adapter is a chat (SFT) adapter, else text continuation.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+def compare(model, adapters, force, prompts, output, mode, sample, max_new_tokens, seed):
+    """Answer the same prompts with the base and each adapter; write the side-by-side as Markdown."""
+    from pathlib import Path
+
+    from ..inference.evaluate import answers, markdown_report, read_prompts
+    from ..inference.generate import Sampling
+
+    session = open_session(model, adapters, force)
+    if mode == "auto":
+        stages = {m.stage for m in session.manifests.values() if m}
+        mode = "chat" if "sft" in stages or not stages and session.tokenizer.chat_template else "text"
+    sampling = Sampling(max_new_tokens=max_new_tokens, greedy=not sample, seed=seed)
+    texts = read_prompts(prompts)
+    table = answers(session, texts, sampling, mode)
+    Path(output).write_text(markdown_report(session.base_name, texts, table, sampling, mode), encoding="utf-8")
+    click.echo(f"{len(texts)} prompts x {len(table)} models written to {output}")
+
+
+@click.command()
+@session_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (local only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-input-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the model's context).")
+@click.option("--max-body", default="1MB", show_default=True, help="Refuse larger request bodies (413).")
+def serve(model, adapters, force, host, port, max_input_tokens, max_body):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
+    from ..training.plan import parse_size
+    from ..inference.serve import serve as run_server
+
+    body_limit = int(parse_size(max_body, "--max-body"))
+    session = open_session(model, adapters, force)
+    click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1", err=True)
+    run_server(session, host, port, max_input_tokens, body_limit)
+
+
+COMMANDS = [generate, chat, eval_command, compare, serve]

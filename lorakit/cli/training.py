@@ -1,0 +1,95 @@
+"""Commands that take a recipe: train, validate, preview, plan."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import load, recipe_arguments
+
+
+@click.command()
+@recipe_arguments
+@click.option("--full", is_flag=True, help="Full fine-tune: train every weight (same as method=full).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished adapter already at the output.")
+@click.option("--nproc", type=click.IntRange(1), default=1, help="Processes (GPUs) to train with, via torchrun.")
+def train(recipe, overrides, full, resume, overwrite, nproc):
+    """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
+    from pathlib import Path
+
+    from ..log import is_main
+    from ..training.run import RunOptions, run
+
+    r = load(recipe, overrides + ("method=full",) if full else overrides)
+    from ..system.threads import busy_note
+
+    if busy_note() and is_main():
+        click.echo(busy_note(), err=True)
+    if nproc > 1:
+        from ..training.distributed import check_strategy, launch
+        from ..weights.loading import resolve_device
+
+        check_strategy(r.train.strategy, resolve_device(r.train.device))
+        sys.exit(launch(nproc, ["train", recipe, *overrides, *(["--full"] if full else []),
+                                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]))
+    out = run(r, RunOptions(resume=resume, overwrite=overwrite, recipe_file=Path(recipe)))
+    from ..training.distributed import end_process_group
+
+    end_process_group()
+    if is_main():
+        click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
+
+
+@click.command()
+@recipe_arguments
+def validate(recipe, overrides):
+    """Check a RECIPE (keys, types, values) without loading a model."""
+    from pathlib import Path
+
+    r = load(recipe, overrides)
+    click.echo(f"{recipe}: ok ({r.stage}, {r.method}, model {r.model or 'from parent ' + str(r.parent)}, "
+               f"output {r.output_dir})")
+    for what, path in (("data.path", r.data.path), ("parent", r.parent)):
+        if path and not Path(path).exists():
+            click.echo(f"note: {what} {path} does not exist yet")
+
+
+@click.command()
+@recipe_arguments
+@click.option("-n", "--examples", default=2, show_default=True, help="How many examples to show.")
+def preview(recipe, overrides, examples):
+    """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
+    from ..weights.folders import base_of
+    from ..data.prepare import prepare
+    from ..data.preview import counts, spans
+    from ..weights.loading import load_tokenizer
+
+    r = load(recipe, overrides)
+    tokenizer = load_tokenizer(r.model or base_of(r.parent))
+    data = prepare(r, tokenizer)
+    for example in data.examples[:examples]:
+        click.echo(click.style(f"--- {example.where}", bold=True))
+        click.echo("".join(click.style(f"[[{t}]]", fg="green") if trained else t
+                           for t, trained in spans(example, tokenizer)))
+    trained, masked = counts(data.examples)
+    click.echo(f"{len(data.examples)} examples: {trained:,} trained tokens, {masked:,} masked tokens")
+    for note in data.notes:
+        click.echo(note)
+
+
+@click.command()
+@recipe_arguments
+@click.option("--budget", help="Memory to fit in, like 8GB: also report the largest batch and sequence that fit.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Plan for this device (default: this machine's).")
+def plan(recipe, overrides, budget, device):
+    """Expected peak memory of a RECIPE's run, part by part, without loading the model."""
+    from ..training.plan import format_plan, parse_size
+    from ..training.plan import plan as make_plan
+
+    r = load(recipe, overrides)
+    click.echo(format_plan(recipe, r, make_plan(r, parse_size(budget) if budget else None, device)))
+
+
+COMMANDS = [train, validate, preview, plan]

@@ -1,0 +1,101 @@
+"""Commands that write or read model weights: merge, export, adapters list/show/clean, inspect."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import LorakitError
+from .options import model_output_options
+
+
+def _export(sources, output, model, dtype, shard_size, onto, no_verify, force, overwrite):
+    from pathlib import Path
+
+    from ..weights.export import export
+    from ..weights.loading import resolve_device
+
+    path = export(list(sources), Path(output), model=model, dtype=dtype, shard_size=shard_size, onto=onto,
+                  verify=not no_verify, force=force, device=resolve_device(), overwrite=overwrite)
+    click.echo(f"model written to {path} ({dtype})")
+
+
+@click.command()
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Adapter folder; repeat for a chain (CPT then SFT) or a weighted combination.")
+@click.option("--weights", help="Comma-separated weights: write a weighted combination as a new adapter.")
+@click.option("--combination", type=click.Choice(["cat", "linear", "svd", "ties"]), default="cat",
+              show_default=True, help="How --weights combine: cat is the exact weighted sum.")
+@model_output_options
+def merge(adapters, weights, combination, **options):
+    """Fold adapters into their base and write a complete model (or, with --weights, a new adapter)."""
+    if weights is None:
+        return _export(adapters, **options)
+    from pathlib import Path
+
+    from ..weights.combine import combine
+
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise LorakitError(f"--weights {weights!r}: expected numbers separated by commas, like 0.6,0.4") from None
+    path = combine(list(adapters), values, Path(options["output"]), combination, overwrite=options["overwrite"])
+    click.echo(f"adapter written to {path} ({combination} of {len(adapters)} adapters)")
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@model_output_options
+def export(sources, **options):
+    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder."""
+    _export(sources, **options)
+
+
+@click.group()
+def adapters():
+    """List, show and clean up trained adapters."""
+
+
+@adapters.command("list")
+@click.argument("folder", default="adapters", type=click.Path(file_okay=False))
+def adapters_list(folder):
+    """Every adapter (and model) under FOLDER: name, stage, method, base, parent, size, final loss, date."""
+    from ..weights.catalog import list_adapters
+
+    click.echo(list_adapters(folder))
+
+
+@adapters.command("clean")
+@click.argument("folder", default="adapters", type=click.Path(file_okay=False))
+def adapters_clean(folder):
+    """Remove the half-written folders that killed runs and exports left under FOLDER."""
+    from ..weights.catalog import clean
+
+    click.echo(clean(folder))
+
+
+@adapters.command("show")
+@click.argument("name")
+def adapters_show(name):
+    """One adapter's manifest in full (NAME: a folder, or a name under adapters/)."""
+    import json
+
+    from ..weights.catalog import find
+
+    click.echo(json.dumps(find(name).to_dict(), indent=2, ensure_ascii=False))
+
+
+@click.command()
+@click.argument("model")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder to apply.")
+def inspect(model, adapter):
+    """Print MODEL's parameter tensors, totals, and (with --adapter) the trainable share."""
+    from ..weights.folders import load_for_inference
+    from ..weights.parameters import format_table, parameter_table
+
+    import torch
+
+    lm, _, _ = load_for_inference(model, adapter, "cpu", torch.float32)
+    click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
+
+
+COMMANDS = [merge, export, adapters, inspect]

@@ -1,0 +1,107 @@
+"""One base model in memory, several named adapters on it, switched in milliseconds.
+
+Each named entry is an adapter chain (a CPT parent and the SFT adapter trained on it): every adapter
+of the chain is loaded as its own peft adapter and the entry activates them together. Active LoRA
+adapters add their updates, W + dW_parent + dW_child, which is exactly the merged parent under the
+child that training saw. Shared parents are loaded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+
+from ..weights.folders import (adapter_chain, apply_adapter, base_of, check_base, read_manifest, split_full_model,
+                               trained_quantization, weights_digest)
+from ..data.chat import template_system_prompt
+from ..errors import LorakitError
+from ..weights.loading import fingerprint, load_model, load_tokenizer
+
+BASE = "base"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_entries(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`NAME=PATH` or `PATH` (named after its folder) -> {name: path}."""
+    entries = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not NAME.match(name) or name in (BASE, "none"):
+            raise LorakitError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (not base or none)")
+        if name in entries:
+            raise LorakitError(f"adapter name {name!r} is given twice")
+        entries[name] = path
+    return entries
+
+
+class Session:
+    """The base and its named adapters; `use(name)` switches, `active()` wraps a generation."""
+
+    def __init__(self, model: str | None, entries: dict[str, str], device: str, dtype: torch.dtype, force: bool = False):
+        if model is None and not entries:
+            raise LorakitError("name a model (--model) or an adapter (--adapter)")
+        model, kept = split_full_model(model, list(entries.values()))  # a lone full fine-tune is the model
+        entries = {name: path for name, path in entries.items() if path in kept}
+        for path in entries.values():
+            adapter_chain(path)  # every file readable, before the base is loaded
+        self.manifests = {name: read_manifest(path) for name, path in entries.items()}
+        quantizations = {str(m.quantization if m else None) for m in self.manifests.values()}
+        if len(quantizations) > 1:
+            raise LorakitError("these adapters were trained on differently quantized bases; serve them separately")
+        self.base_name = model or base_of(next(iter(entries.values())))
+        self.tokenizer = load_tokenizer(self.base_name)
+        quantization = trained_quantization(self.manifests.values())
+        self.model = load_model(self.base_name, dtype, device, quantization=quantization)
+        self.entries: dict[str, list[str]] = {}
+        loaded: dict[str, str] = {}
+        base_fingerprint = fingerprint(self.model.config, self.tokenizer)
+        for name, path in entries.items():
+            check_base(path, self.manifests[name], base_fingerprint, self.base_name, force)
+            self.entries[name] = [self._load(folder, loaded) for folder in adapter_chain(path)]
+        self.model.eval()
+        self.current: str | None = next(iter(self.entries), None)
+        if self.current:
+            self.use(self.current)
+
+    def _load(self, folder: Path, loaded: dict[str, str]) -> str:
+        digest = weights_digest(folder)
+        if digest not in loaded:
+            loaded[digest] = f"a{len(loaded)}"
+            self.model = apply_adapter(self.model, folder, merge=False, name=loaded[digest])
+        return loaded[digest]
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE] + list(self.entries)
+
+    def use(self, name: str | None) -> None:
+        """Switch to a named adapter, or to the bare base (None, "base" or "none")."""
+        if name in (None, BASE, "none"):
+            self.current = None
+            return
+        if name not in self.entries:
+            raise LorakitError(f"no adapter named {name!r}; loaded: {', '.join(self.names)}")
+        self.model.base_model.set_adapter(self.entries[name], inference_mode=True)
+        self.current = name
+
+    @contextlib.contextmanager
+    def active(self):
+        """The model as the current selection sees it (adapters off for the bare base)."""
+        if self.current is None and self.entries:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    def system_prompt(self, name: str | None = None) -> str | None:
+        """The system prompt adapter `name` (default: the current one; "base": none) was trained with,
+        else the template's own."""
+        manifest = self.manifests.get(self.current if name is None else name)
+        if manifest and manifest.system_prompt is not None:
+            return manifest.system_prompt
+        return template_system_prompt(self.tokenizer)

@@ -1,0 +1,107 @@
+"""Several processes through the established launcher (torchrun) and engines (DDP, FSDP, DeepSpeed
+through accelerate and the Trainer); lorakit only picks the right settings and checks the result.
+
+    lorakit train RECIPE --nproc 2      re-runs itself as `python -m torch.distributed.run
+                                        --nproc_per_node 2 -m lorakit train RECIPE`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import torch
+
+from ..errors import LorakitError
+
+EXPECTED = "LORAKIT_EXPECTED_WORLD_SIZE"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device(device: str) -> str:
+    """Each process its own GPU (torchrun's LOCAL_RANK); CPU processes share the CPU."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `lorakit <argv>` in `nproc` processes under torchrun; return its exit code."""
+    if world_size() > 1:
+        raise LorakitError("--nproc inside an already distributed run: launch lorakit once")
+    cores = os.cpu_count() or 1
+    env = {**os.environ, EXPECTED: str(nproc)}
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # share the cores, not oversubscribe
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "-m", "lorakit", *argv]
+    return subprocess.call(command, env=env)
+
+
+def end_process_group() -> None:
+    """Shut the process group down before the process exits: a rank that left with gloo's threads
+    still running aborted at exit now and then ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def check_world() -> None:
+    """Refuse a run that asked for N processes but got another number (a launcher quietly running one)."""
+    expected = os.environ.get(EXPECTED)
+    if expected and int(expected) != world_size():
+        raise LorakitError(f"{expected} processes were asked for, but this run has {world_size()}; "
+                           f"launch with torchrun --nproc_per_node {expected} (accelerate: --multi_gpu)")
+
+
+def check_strategy(strategy: str, device: str) -> None:
+    """Refuse, before any process starts, a strategy this machine cannot run."""
+    if strategy != "ddp" and not device.startswith("cuda"):
+        # Measured here: with a CPU run the Trainer quietly drops the FSDP settings and trains plain DDP.
+        raise LorakitError(f"train.strategy {strategy} needs GPUs; on CPUs use strategy: ddp")
+    if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        raise LorakitError(f"train.strategy {strategy} needs DeepSpeed: pip install deepspeed")
+
+
+def trainer_options(strategy: str, device: str) -> dict:
+    """TrainingArguments for the strategy; nothing at all for a single process."""
+    if world_size() == 1:
+        return {}
+    check_strategy(strategy, device)
+    options = {"ddp_backend": "nccl" if device.startswith("cuda") else "gloo", "ddp_find_unused_parameters": False}
+    if strategy == "fsdp":
+        options.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True,
+                                                                "cpu_ram_efficient_loading": True})
+    elif strategy.startswith("zero"):
+        options["deepspeed"] = {"zero_optimization": {"stage": int(strategy[-1])}, "bf16": {"enabled": "auto"},
+                                "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    return options
+
+
+def check_engine(trainer, strategy: str) -> None:
+    """The engine asked for is the one running: no silent fallback to plain DDP."""
+    if world_size() == 1:
+        return
+    running = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "ddp"
+    wanted = "deepspeed" if strategy.startswith("zero") else strategy
+    if running != wanted:
+        raise LorakitError(f"train.strategy {strategy} was asked for, but the Trainer set up {running}")
+
+
+def check_ranks_agree(model) -> str | None:
+    """After training, every rank must hold the same trainable weights; returns their checksum."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return None
+    total = sum(p.detach().double().sum().item() + p.detach().double().abs().sum().item()
+                for p in model.parameters() if p.requires_grad)
+    sums = [None] * world_size()
+    torch.distributed.all_gather_object(sums, total)
+    if len(set(sums)) != 1:
+        raise LorakitError(f"the {world_size()} processes ended with different weights (checksums {sums}); "
+                           f"nothing was saved")
+    return f"{sums[0]:.10g}"

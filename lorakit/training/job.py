@@ -1,0 +1,51 @@
+"""One training run as it goes: what was asked (recipe and options), what was loaded (tokenizer,
+data), where it runs, and where it resumes from. Built by run.py, read by the trainer set-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.prepare import Prepared
+from ..recipe import Recipe
+from ..weights.manifest import Quantization
+from .checkpoints import run_folder
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `lorakit train` was asked to run, beyond the recipe."""
+
+    resume: bool = False
+    """Continue the interrupted run from its latest checkpoint."""
+    overwrite: bool = False
+    """Replace a finished adapter (only one lorakit wrote, holding nothing else) at the output."""
+    recipe_file: Path | None = None
+    """The recipe's file: never inside the output, and named in the messages that say how to resume."""
+
+
+@dataclass
+class Job:
+    recipe: Recipe
+    options: RunOptions
+    model_name: str
+    """The base model: the recipe's, or its parent adapter's."""
+    tokenizer: Any
+    data: Prepared
+    device: str
+    dtype: torch.dtype
+    quantization: Quantization | None = None
+    checkpoint: Path | None = None
+    """Where --resume continues from; None for a fresh run."""
+    run_id: str = ""
+
+    @property
+    def out(self) -> Path:
+        return self.recipe.output_dir
+
+    @property
+    def run_folder(self) -> Path:
+        return run_folder(self.out)

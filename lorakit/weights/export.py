@@ -1,0 +1,112 @@
+"""Merged, deployable model folders that are checked before they are kept.
+
+OUT holds sharded safetensors (with an index when there is more than one shard), config, tokenizer
+and chat template, and a generation config whose EOS matches how the model was trained. After
+writing, OUT is reloaded with plain transformers and its logits compared with the adapter applied to
+its base; beyond the dtype's tolerance OUT is removed and the command fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .folders import SHARD_SIZE, is_full_model, load_for_inference, read_manifest, trained_quantization
+from .loading import DTYPES, release_memory, set_stop_tokens
+from .manifest import Manifest, Quantization
+from ..log import say
+from .outputs import check_disk, check_output, output_path, publish, staging
+from .verify import logits, require_same_logits, text_probe
+
+
+def export(sources: list[str], out: Path, *, model: str | None = None, dtype: str = "bf16",
+           shard_size: str = SHARD_SIZE, onto: str = "trained", verify: bool = True, force: bool = False,
+           device: str = "cpu", overwrite: bool = False) -> Path:
+    """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`; returns
+    the folder written."""
+    out = output_path(out)
+    check_output(out, overwrite=overwrite, inputs=[(f"the source {s}", s) for s in sources] + [("the model", model)])
+    target = DTYPES[dtype]
+    manifests = [read_manifest(s) for s in sources]
+    manifest = _manifest(sources, [m for m in manifests if m], dtype, onto)
+    trained_on = trained_quantization(manifests)  # the merged weights themselves are never quantized
+    reference = _reference(sources, manifest, trained_on, model, onto, force, device) if verify else None
+    merged, tokenizer = merged_model(sources, device, torch.float32, onto=onto, model=model, force=force)
+    size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
+    check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
+    # chat-tuned anywhere in the chain, or a chat model to begin with
+    manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or tokenizer.eos_token == "<|im_end|>"
+    with staging(out) as folder:
+        set_stop_tokens(merged, tokenizer, chat)
+        merged.to(target).save_pretrained(folder, max_shard_size=shard_size)
+        tokenizer.save_pretrained(folder)
+        del merged
+        release_memory()
+        if verify:
+            manifest.verify = _verify(folder, out, reference, _coarsest(target, trained_on, onto))
+        manifest.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        say(f"exported {len(list(folder.glob('*.safetensors')))} safetensors shard(s), "
+            f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
+        manifest.write(folder)
+        return publish(folder, out, overwrite=overwrite)
+
+
+def merged_model(adapters, device: str, dtype, onto: str = "trained", model: str | None = None,
+                 force: bool = False):
+    """The base with the adapter chain merged in, as a plain transformers model (and its tokenizer).
+
+    A QLoRA adapter was trained against the dequantized 4/8-bit weights, so by default it is merged
+    onto exactly those (`onto="trained"`): dequantized in `dtype`, then merged. Merging straight into
+    the quantized model would re-quantize the sum (logits move by about 0.05); `onto="original"`
+    merges onto the unquantized base weights instead.
+    """
+    lm, tokenizer, _ = load_for_inference(model, adapters, device, dtype, force=force, quantized=onto == "trained",
+                                          merge=True)
+    return lm, tokenizer
+
+
+def _reference(sources, manifest: Manifest, trained_on: Quantization | None, model, onto, force, device) -> tuple:
+    """Logits of the adapter applied to its base (unmerged, fp32): what OUT must reproduce. With
+    --onto original, also how far that drifts from the model the adapter was trained as (recorded)."""
+    lm, tokenizer, _ = load_for_inference(model, sources, device, torch.float32, force=force,
+                                          quantized=onto == "trained")
+    probe = text_probe(tokenizer)
+    expected = logits(lm, probe)
+    if onto == "original" and trained_on:
+        del lm
+        trained = load_for_inference(model, sources, device, torch.float32, force=force).model
+        manifest.drift_from_trained = drift = (logits(trained, probe) - expected).abs().max().item()
+        say(f"--onto original: the merged model's logits differ from the quantized model it was trained "
+            f"as by up to {drift:.3g}")
+    return probe, expected
+
+
+def _coarsest(target: torch.dtype, trained_on: Quantization | None, onto: str) -> torch.dtype:
+    """The precision the comparison can hold to: the export's, or that of the quantized model's
+    compute when the reference is a QLoRA model trained in half precision."""
+    compute = trained_on.compute_dtype if trained_on else None
+    if onto != "trained" or compute in (None, "float32"):
+        return target
+    return target if target != torch.float32 else getattr(torch, compute)
+
+
+def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    probe, expected = reference
+    reloaded = AutoModelForCausalLM.from_pretrained(staging)
+    result = require_same_logits(expected, logits(reloaded, probe), precision, f"verifying {out}")
+    say(f"verified: {out} reloaded with plain transformers matches the adapter on its base "
+        f"(max logit difference {result['max_logit_diff']:.3g}, limit {result['tolerance']:.3g})")
+    return result
+
+
+def _manifest(sources, manifests: list[Manifest], dtype: str, onto: str) -> Manifest:
+    """What the export records: its sources, and what it inherits from them (the last stage and system
+    prompt of the chain, the base and its fingerprint, the quantization trained on)."""
+    last = lambda name: next((getattr(m, name) for m in reversed(manifests) if getattr(m, name)), None)  # noqa: E731
+    return Manifest(kind="merged", method="merged", dtype=dtype, onto=onto,
+                    sources=[str(Path(s).resolve()) for s in sources], stage=last("stage"),
+                    system_prompt=last("system_prompt"), base_model=last("base_model"),
+                    base_fingerprint=last("base_fingerprint"), full_model_source=any(is_full_model(s) for s in sources))
