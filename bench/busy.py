@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from common import ROOT, cpt_recipe, ensure_model
+from common import cpt_recipe, ensure_model
 
 HOG = "while True: pass"
 TORCH_NEIGHBOUR = ("import torch\nx = torch.randn(512, 512)\nwhile True:\n    for _ in range(50): x = torch.tanh(x @ x)\n")

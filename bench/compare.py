@@ -21,8 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PEAK_KIND, ROOT, device, ensure_model, flop_params, matmul_peak_gflops, peak_memory_gib,
-                    write_workload)
+from common import (
+    PEAK_KIND,
+    ROOT,
+    device,
+    ensure_model,
+    flop_params,
+    matmul_peak_gflops,
+    peak_memory_gib,
+    write_workload,
+)
 
 MAX_LENGTH, BATCH, RANK = 1024, 4, 16
 
@@ -32,8 +40,14 @@ def plain(stage: str, model_dir: Path, data: Path, limit: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in data.read_text().splitlines()][:limit]

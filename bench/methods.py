@@ -15,8 +15,16 @@ import platform
 import subprocess
 import sys
 
-from common import (PEAK_KIND, ROOT, cpt_recipe, device, ensure_model, flop_params, matmul_peak_gflops,
-                    peak_memory_gib)
+from common import (
+    PEAK_KIND,
+    ROOT,
+    cpt_recipe,
+    device,
+    ensure_model,
+    flop_params,
+    matmul_peak_gflops,
+    peak_memory_gib,
+)
 
 METHODS = {"lora": ["method=lora"], "qlora-4bit": ["method=qlora", "quant.bits=4"],
            "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"]}

@@ -26,8 +26,8 @@ def recipe_file(method: str, seq: int, shape: str) -> Path:
 
 
 def child(method: str, seq: int, shape: str) -> None:
-    from lorakit.training.plan import plan
     from lorakit.recipe import load_recipe
+    from lorakit.training.plan import plan
     from lorakit.training.run import run
 
     recipe = load_recipe(recipe_file(method, seq, shape))

@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
+from conftest import lorakit, write_jsonl, write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import lorakit, write_jsonl, write_recipe
 from lorakit.errors import LorakitError
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -2,11 +2,15 @@
 
 
 import pytest
+from conftest import lorakit, write_jsonl, write_recipe
 from transformers import AutoTokenizer
 
-from conftest import lorakit, write_jsonl, write_recipe
 from lorakit.data.blocks import IGNORE, pack_examples
-from lorakit.data.chat import load_conversations, template_system_prompt, tokenize_conversations
+from lorakit.data.chat import (
+    load_conversations,
+    template_system_prompt,
+    tokenize_conversations,
+)
 from lorakit.data.preview import spans
 from lorakit.errors import LorakitError
 

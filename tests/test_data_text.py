@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import DOCS, lorakit, write_jsonl
 from transformers import AutoTokenizer
 
-from conftest import DOCS, lorakit, write_jsonl
 from lorakit.data.blocks import IGNORE, Collator, stream_blocks
 from lorakit.data.prepare import load_examples
 from lorakit.data.text import load_documents, tokenize_documents

@@ -1,7 +1,6 @@
 """The README's first command ends in `lorakit demo`: it must run offline and show learning."""
 
 import pytest
-
 from conftest import lorakit
 
 pytestmark = pytest.mark.slow  # every test here trains a model

@@ -1,15 +1,14 @@
 """Beyond one device: 2-process DDP on CPU (gloo) through torchrun, checked against one process."""
 
-import pytest
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import lorakit, write_recipe
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import load_metrics, lorakit, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains a model
@@ -81,8 +80,8 @@ def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny
     """Active adapters add their updates: the parent + child entry equals the merged chain."""
     import torch
 
-    from lorakit.weights.folders import load_for_inference
     from lorakit.inference.session import Session
+    from lorakit.weights.folders import load_for_inference
 
     base = f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: {corpus}}}\ntrain: {{max_steps: 30, lr: 3.0e-3}}\n"
     lorakit("train", write_recipe(work / "cpt.yaml", base))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import CHATS, DOCS, lorakit, write_jsonl, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CHATS, DOCS, lorakit, write_jsonl, write_recipe
 import lorakit.weights.export as export_module
 
 pytestmark = pytest.mark.slow  # every test here trains a model

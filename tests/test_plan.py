@@ -1,6 +1,7 @@
 """`lorakit plan`: the peak memory of a run, part by part, from the config alone."""
 
 from conftest import lorakit, write_recipe
+
 import lorakit.training.plan as plan_module
 from lorakit.training.plan import Shape, estimate, lora_params, parse_size, total
 
@@ -8,8 +9,8 @@ from lorakit.training.plan import Shape, estimate, lora_params, parse_size, tota
 def test_parameter_counts_match_the_model(tiny_base):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.weights.loading import attach_lora
     from lorakit.recipe import LoraSettings
+    from lorakit.weights.loading import attach_lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     shape = Shape.of(model.config)
@@ -19,11 +20,11 @@ def test_parameter_counts_match_the_model(tiny_base):
 
 
 def test_the_plan_grows_with_the_work_and_checkpointing_saves_memory():
+    from transformers import Qwen2Config
+
     from lorakit.demo.tiny import QWEN2_0_5B_SHAPE
 
-    config = type("C", (), {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
-                            "head_dim": None})
+    config = Qwen2Config(**QWEN2_0_5B_SHAPE, tie_word_embeddings=True)
     assert QWEN2_0_5B_SHAPE["hidden_size"] == config.hidden_size
     shape = Shape.of(config)
     assert 490e6 < shape.params < 500e6  # Qwen2-0.5B: 494M

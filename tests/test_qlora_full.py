@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import DOCS, load_metrics, lorakit, write_recipe
 from safetensors.torch import load_file
 
-from conftest import DOCS, load_metrics, lorakit, write_recipe
 import lorakit.training.run as run_module
 from lorakit.errors import LorakitError
 
@@ -45,17 +45,24 @@ def test_qlora_lowers_the_loss_and_reloads_on_a_fresh_quantized_base(work, corpu
 def test_4bit_base_survives_evaluate_then_train_then_merge(tiny_base):
     """The bitsandbytes CPU repacking hazard: an eval forward without gradients first, then training,
     then a merge that must equal the 4-bit model plus adapter."""
+    from lorakit.recipe import (
+        DataSettings,
+        LoraSettings,
+        QuantSettings,
+        Recipe,
+        TrainSettings,
+    )
     from lorakit.weights.export import merged_model
     from lorakit.weights.loading import load_model, make_trainable
-    from lorakit.weights.quant import describe
-    from lorakit.recipe import LoraSettings, QuantSettings
+    from lorakit.weights.manifest import Manifest
+    from lorakit.weights.quant import quantization_of
 
-    quantization = describe(QuantSettings(), torch.float32)
+    quantization = quantization_of(QuantSettings(), torch.float32)
     model = load_model(str(tiny_base), torch.float32, "cpu", quantization=quantization)
     with torch.no_grad():
         model(input_ids=PROBE)  # evaluate first: this is what repacked the weights in place
-    recipe = type("R", (), {"method": "qlora", "lora": LoraSettings(dropout=0.0),
-                            "train": type("T", (), {"gradient_checkpointing": False, "seed": 0})})
+    recipe = Recipe(stage="cpt", data=DataSettings(path="unused"), model=str(tiny_base), method="qlora",
+                    lora=LoraSettings(dropout=0.0), train=TrainSettings(seed=0))
     model = make_trainable(model, recipe, quantized=True).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):  # failed with "a view of a leaf Variable ... in-place operation" before the fix
@@ -67,7 +74,7 @@ def test_4bit_base_survives_evaluate_then_train_then_merge(tiny_base):
         trained = model(input_ids=PROBE).logits
     folder = tiny_base.parent / "qlora-hazard"
     model.save_pretrained(folder)
-    (folder / "manifest.json").write_text(json.dumps({"base_model": str(tiny_base), "quantization": quantization}))
+    Manifest(kind="adapter", base_model=str(tiny_base), quantization=quantization).write(folder)
     with torch.no_grad():
         merged = merged_model(str(folder), "cpu", torch.float32)[0](input_ids=PROBE).logits
         original = merged_model(str(folder), "cpu", torch.float32, onto="original")[0](input_ids=PROBE).logits
@@ -159,9 +166,8 @@ def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
 def test_a_full_chat_fine_tune_is_as_deployable_as_an_export(work, tiny_base):
     """On a base model (EOS <|endoftext|>), a chat SFT full fine-tune must stop at <|im_end|> in plain
     transformers, and say the dtype its weights are written in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from conftest import CHATS, write_jsonl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     chats = write_jsonl(work / "c.jsonl", [{"messages": [{"role": "user", "content": q},
                                                          {"role": "assistant", "content": a}]} for q, a in CHATS])

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import lorakit, write_recipe
+
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
 

@@ -1,6 +1,5 @@
 """Reliability: resume exactly after a kill, stop cleanly on signals and NaN, one run per output."""
 
-import pytest
 import json
 import os
 import re
@@ -9,10 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
+from conftest import lorakit, write_recipe
 from safetensors.torch import load_file
 
-from conftest import lorakit, write_recipe
 import lorakit.training.run as run_module
 
 pytestmark = pytest.mark.slow  # every test here trains a model

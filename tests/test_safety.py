@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
+from conftest import lorakit, write_recipe
 from safetensors.torch import load_file
-
-from conftest import lorakit, write_jsonl, write_recipe
 
 RECIPE = """stage: cpt
 model: {model}

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import CHATS, DOCS, load_metrics, lorakit, write_recipe
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

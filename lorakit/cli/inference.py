@@ -15,8 +15,8 @@ from .options import open_session, placement, sampling_options, session_options
 @sampling_options
 def generate(prompt, model, adapter, sampling, force):
     """Continue PROMPT as raw text."""
-    from ..weights.folders import load_for_inference
     from ..inference.generate import generate_text
+    from ..weights.folders import load_for_inference
 
     if not prompt:
         raise LorakitError("the prompt is empty: give the text to continue")
@@ -131,8 +131,8 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 @click.option("--max-body", default="1MB", show_default=True, help="Refuse larger request bodies (413).")
 def serve(model, adapters, force, host, port, max_input_tokens, max_body):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
-    from ..training.plan import parse_size
     from ..inference.serve import serve as run_server
+    from ..training.plan import parse_size
 
     body_limit = int(parse_size(max_body, "--max-body"))
     session = open_session(model, adapters, force)

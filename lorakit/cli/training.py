@@ -61,9 +61,9 @@ def validate(recipe, overrides):
 @click.option("-n", "--examples", default=2, show_default=True, help="How many examples to show.")
 def preview(recipe, overrides, examples):
     """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
-    from ..weights.folders import base_of
     from ..data.prepare import prepare
     from ..data.preview import counts, spans
+    from ..weights.folders import base_of
     from ..weights.loading import load_tokenizer
 
     r = load(recipe, overrides)

@@ -8,15 +8,15 @@ from ..errors import LorakitError
 from .options import model_output_options
 
 
-def _export(sources, output, model, dtype, shard_size, onto, no_verify, force, overwrite):
+def _export(sources, output, no_verify, **options):
     from pathlib import Path
 
-    from ..weights.export import export
+    from ..weights.export import ExportSettings, export
     from ..weights.loading import resolve_device
 
-    path = export(list(sources), Path(output), model=model, dtype=dtype, shard_size=shard_size, onto=onto,
-                  verify=not no_verify, force=force, device=resolve_device(), overwrite=overwrite)
-    click.echo(f"model written to {path} ({dtype})")
+    settings = ExportSettings(verify=not no_verify, device=resolve_device(), **options)
+    path = export(list(sources), Path(output), settings)
+    click.echo(f"model written to {path} ({settings.dtype})")
 
 
 @click.command()
@@ -38,7 +38,8 @@ def merge(adapters, weights, combination, **options):
         values = [float(w) for w in weights.split(",")]
     except ValueError:
         raise LorakitError(f"--weights {weights!r}: expected numbers separated by commas, like 0.6,0.4") from None
-    path = combine(list(adapters), values, Path(options["output"]), combination, overwrite=options["overwrite"])
+    path = combine(list(adapters), values, Path(options["output"]), combination=combination,
+                   overwrite=options["overwrite"])
     click.echo(f"adapter written to {path} ({combination} of {len(adapters)} adapters)")
 
 
@@ -89,10 +90,10 @@ def adapters_show(name):
 @click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder to apply.")
 def inspect(model, adapter):
     """Print MODEL's parameter tensors, totals, and (with --adapter) the trainable share."""
+    import torch
+
     from ..weights.folders import load_for_inference
     from ..weights.parameters import format_table, parameter_table
-
-    import torch
 
     lm, _, _ = load_for_inference(model, adapter, "cpu", torch.float32)
     click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))

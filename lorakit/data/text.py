@@ -7,7 +7,14 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
-from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records, read_text
+from .files import (
+    RECORD_SUFFIXES,
+    Record,
+    check_unicode,
+    data_files,
+    read_records,
+    read_text,
+)
 
 TEXT_SUFFIXES = (".txt",) + RECORD_SUFFIXES
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 QUESTIONS = ["How much water does the Lumora K2 hold?", "How do I reach support?", "怎么给水壶除垢？"]
 CONTINUE = "The Lumora K2 is"
 
@@ -27,10 +27,10 @@ def demo_texts(folder: Path = RECIPES) -> list[str]:
 
 
 def run_demo(workdir: str, echo) -> None:
-    from ..weights.loading import resolve_device
     from ..recipe import load_recipe
-    from .tiny import build_tiny_qwen2
     from ..training.run import RunOptions, run
+    from ..weights.loading import resolve_device
+    from .tiny import build_tiny_qwen2
 
     if not RECIPES.is_dir():
         raise LorakitError(f"{RECIPES}: demo recipes not found; run the demo from a lorakit checkout")

@@ -24,7 +24,14 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     Trained with the very pipeline Qwen2Tokenizer rebuilds on load, so AutoTokenizer on the saved
     folder tokenizes exactly as here.
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 

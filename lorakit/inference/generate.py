@@ -51,7 +51,7 @@ class _Cancelled:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling,
+def complete(model, tokenizer, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling, *,
              stop_strings: tuple[str, ...] = (), cancel=None) -> Generation:
     """Generate after `prompt_ids` until a stop token, a stop string (cut from the text), max_new_tokens,
     or `cancel` (a threading.Event) is set."""

@@ -20,7 +20,9 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel, Field
-from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
+from starlette.requests import (
+    Request,  # module level: FastAPI resolves the endpoints' annotations here
+)
 
 from ..errors import LorakitError
 from .generate import Generation, Sampling, chat_prompt, complete, text_prompt
@@ -203,7 +205,7 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
                     return None
                 session.use(request.model)
                 with session.active() as lm:
-                    return complete(lm, session.tokenizer, ids, stop_ids, sampling, stops, cancel)
+                    return complete(lm, session.tokenizer, ids, stop_ids, sampling, stop_strings=stops, cancel=cancel)
 
         task = asyncio.ensure_future(run_in_threadpool(generate))
         while not task.done():

@@ -14,10 +14,18 @@ from pathlib import Path
 
 import torch
 
-from ..weights.folders import (adapter_chain, apply_adapter, base_of, check_base, read_manifest, split_full_model,
-                               trained_quantization, weights_digest)
 from ..data.chat import template_system_prompt
 from ..errors import LorakitError
+from ..weights.folders import (
+    adapter_chain,
+    apply_adapter,
+    base_of,
+    check_base,
+    read_manifest,
+    split_full_model,
+    trained_quantization,
+    weights_digest,
+)
 from ..weights.loading import fingerprint, load_model, load_tokenizer
 
 BASE = "base"

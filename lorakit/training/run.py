@@ -18,11 +18,29 @@ from ..errors import Interrupted, LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
 from ..system.allocator import keep_freed_memory
-from ..weights.folders import adapter_chain, apply_chain, base_of, is_full_model, load_for_inference, read_manifest
-from ..weights.folders import write_adapter
-from ..weights.loading import (check_causal_lm, count_parameters, fingerprint, for_training, load_model,
-                               load_tokenizer, make_trainable, release_memory, resolve_device, resolve_dtype,
-                               set_stop_tokens, unwrap_peft)
+from ..weights.folders import (
+    adapter_chain,
+    apply_chain,
+    base_of,
+    is_full_model,
+    load_for_inference,
+    read_manifest,
+    write_adapter,
+)
+from ..weights.loading import (
+    check_causal_lm,
+    count_parameters,
+    fingerprint,
+    for_training,
+    load_model,
+    load_tokenizer,
+    make_trainable,
+    release_memory,
+    resolve_device,
+    resolve_dtype,
+    set_stop_tokens,
+    unwrap_peft,
+)
 from ..weights.manifest import Manifest, Parent, Quantization
 from ..weights.outputs import check_disk, check_output, publish, remove_folder, staging
 from ..weights.quant import quantization_of
@@ -30,8 +48,17 @@ from ..weights.verify import logits as probe_logits
 from ..weights.verify import probe_ids, require_same_logits
 from .attention import restore as restore_attention
 from .attention import use_packed as use_packed_attention
-from .checkpoints import (NonFiniteLoss, StopRequest, begin, check_run_folder, drop_incomplete_checkpoints,
-                          latest_checkpoint, output_lock, run_folder, stop_on_signals)
+from .checkpoints import (
+    NonFiniteLoss,
+    StopRequest,
+    begin,
+    check_run_folder,
+    drop_incomplete_checkpoints,
+    latest_checkpoint,
+    output_lock,
+    run_folder,
+    stop_on_signals,
+)
 from .distributed import check_ranks_agree, check_world, local_device, world_size
 from .job import Job, RunOptions
 from .progress import plot_loss

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from ..data.blocks import Collator
 from ..recipe import Recipe
+from .checkpoints import NonFiniteLoss, StopRequest
 from .distributed import check_engine, trainer_options
+from .job import Job
 from .loss import install, make_loss, output_head, remove
 from .progress import ProgressCallback
-from .checkpoints import NonFiniteLoss, StopRequest
-from .job import Job
 
 
 class _Trainer(Trainer):

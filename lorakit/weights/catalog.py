@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import LorakitError
 from .folders import is_full_model, read_manifest
 from .manifest import Manifest
-from ..errors import LorakitError
 from .outputs import describe_size, folder_size, leftovers, sweep
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .folders import apply_adapter, base_of, check_adapter_folder, read_manifest
-from .manifest import Manifest
 from ..errors import LorakitError
-from .loading import load_model, load_tokenizer
 from ..log import say
+from .folders import apply_adapter, base_of, check_adapter_folder, read_manifest
+from .loading import load_model, load_tokenizer
+from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging
 from .verify import logits, require_same_logits, text_probe
 
@@ -52,7 +52,7 @@ def refuse_if_wrong(adapters: list[str], manifests: list[Manifest], weights: lis
                            f"the adapters other than asked; use --combination cat (exact)")
 
 
-def combine(adapters: list[str], weights: list[float], out: Path, combination: str = "cat",
+def combine(adapters: list[str], weights: list[float], out: Path, *, combination: str = "cat",
             device: str = "cpu", density: float = 0.5, overwrite: bool = False) -> Path:
     """Write the weighted combination as a new adapter that plain peft loads; returns its folder."""
     out = output_path(out)

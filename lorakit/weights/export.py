@@ -8,30 +8,56 @@ its base; beyond the dtype's tolerance OUT is removed and the command fails.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .folders import SHARD_SIZE, is_full_model, load_for_inference, read_manifest, trained_quantization
+from ..log import say
+from .folders import (
+    SHARD_SIZE,
+    is_full_model,
+    load_for_inference,
+    read_manifest,
+    trained_quantization,
+)
 from .loading import DTYPES, release_memory, set_stop_tokens
 from .manifest import Manifest, Quantization
-from ..log import say
 from .outputs import check_disk, check_output, output_path, publish, staging
 from .verify import logits, require_same_logits, text_probe
 
 
-def export(sources: list[str], out: Path, *, model: str | None = None, dtype: str = "bf16",
-           shard_size: str = SHARD_SIZE, onto: str = "trained", verify: bool = True, force: bool = False,
-           device: str = "cpu", overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class ExportSettings:
+    """How `lorakit export` and `lorakit merge` write a model (their options, one for one)."""
+
+    model: str | None = None
+    """The base (default: the one in the adapter's manifest)."""
+    dtype: str = "bf16"
+    """bf16, fp16 or fp32: the written weights."""
+    shard_size: str = SHARD_SIZE
+    onto: str = "trained"
+    """QLoRA: merge onto the dequantized weights it trained on ("trained") or the original ones."""
+    verify: bool = True
+    """Reload the written folder and compare its logits with the adapter on its base."""
+    force: bool = False
+    """Apply adapters to a base they were not trained on."""
+    overwrite: bool = False
+    """Replace what lorakit wrote earlier at the output."""
+    device: str = "cpu"
+
+
+def export(sources: list[str], out: Path, settings: ExportSettings = ExportSettings()) -> Path:
     """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`; returns
     the folder written."""
+    model, dtype, onto, force, device = settings.model, settings.dtype, settings.onto, settings.force, settings.device
     out = output_path(out)
-    check_output(out, overwrite=overwrite, inputs=[(f"the source {s}", s) for s in sources] + [("the model", model)])
+    check_output(out, overwrite=settings.overwrite, inputs=[(f"the source {s}", s) for s in sources] + [("the model", model)])
     target = DTYPES[dtype]
     manifests = [read_manifest(s) for s in sources]
     manifest = _manifest(sources, [m for m in manifests if m], dtype, onto)
     trained_on = trained_quantization(manifests)  # the merged weights themselves are never quantized
-    reference = _reference(sources, manifest, trained_on, model, onto, force, device) if verify else None
+    reference = _reference(sources, manifest, trained_on, settings) if settings.verify else None
     merged, tokenizer = merged_model(sources, device, torch.float32, onto=onto, model=model, force=force)
     size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
@@ -39,17 +65,17 @@ def export(sources: list[str], out: Path, *, model: str | None = None, dtype: st
     manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or tokenizer.eos_token == "<|im_end|>"
     with staging(out) as folder:
         set_stop_tokens(merged, tokenizer, chat)
-        merged.to(target).save_pretrained(folder, max_shard_size=shard_size)
+        merged.to(target).save_pretrained(folder, max_shard_size=settings.shard_size)
         tokenizer.save_pretrained(folder)
         del merged
         release_memory()
-        if verify:
+        if settings.verify:
             manifest.verify = _verify(folder, out, reference, _coarsest(target, trained_on, onto))
         manifest.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         say(f"exported {len(list(folder.glob('*.safetensors')))} safetensors shard(s), "
             f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
         manifest.write(folder)
-        return publish(folder, out, overwrite=overwrite)
+        return publish(folder, out, overwrite=settings.overwrite)
 
 
 def merged_model(adapters, device: str, dtype, onto: str = "trained", model: str | None = None,
@@ -66,14 +92,15 @@ def merged_model(adapters, device: str, dtype, onto: str = "trained", model: str
     return lm, tokenizer
 
 
-def _reference(sources, manifest: Manifest, trained_on: Quantization | None, model, onto, force, device) -> tuple:
+def _reference(sources, manifest: Manifest, trained_on: Quantization | None, settings: ExportSettings) -> tuple:
     """Logits of the adapter applied to its base (unmerged, fp32): what OUT must reproduce. With
     --onto original, also how far that drifts from the model the adapter was trained as (recorded)."""
+    model, force, device = settings.model, settings.force, settings.device
     lm, tokenizer, _ = load_for_inference(model, sources, device, torch.float32, force=force,
-                                          quantized=onto == "trained")
+                                          quantized=settings.onto == "trained")
     probe = text_probe(tokenizer)
     expected = logits(lm, probe)
-    if onto == "original" and trained_on:
+    if settings.onto == "original" and trained_on:
         del lm
         trained = load_for_inference(model, sources, device, torch.float32, force=force).model
         manifest.drift_from_trained = drift = (logits(trained, probe) - expected).abs().max().item()

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import yaml
 
 from ..errors import LorakitError, first_line
+from ..log import say
 from ..recipe import Recipe
 from .manifest import Manifest, Quantization, read_json_object
-from ..log import say
 
 SHARD_SIZE = "2GB"
 
@@ -196,7 +196,8 @@ def load_for_inference(model: str | None, adapters, device: str, dtype, *, force
     if merge and quantization:
         lm = lm.dequantize(dtype=dtype)
     if adapters:
-        lm = apply_chain(lm, adapters, fingerprint(lm.config, tokenizer), name, force, merge, manifests)
+        lm = apply_chain(lm, adapters, fingerprint(lm.config, tokenizer), name, force=force, merge=merge,
+                         manifests=manifests)
     return Loaded(lm.eval(), tokenizer, manifests[-1] if manifests else None)
 
 
@@ -222,7 +223,7 @@ def apply_adapter(model, folder: str | Path, merge: bool, name: str = "default")
     return model.merge_and_unload() if merge else model
 
 
-def apply_chain(lm, adapters: list, base_fingerprint: str, name: str, force: bool = False, merge: bool = False,
+def apply_chain(lm, adapters: list, base_fingerprint: str, name: str, *, force: bool = False, merge: bool = False,
                 manifests: list | None = None):
     """Check that each adapter was trained on this base, then apply the chain base-most first: parents
     merged into the weights, the last kept as a peft adapter unless `merge`."""

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import LorakitError, first_line
+from ..log import say
 from ..recipe import Recipe
 from .manifest import Quantization
-from ..log import say
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

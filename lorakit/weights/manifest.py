@@ -46,6 +46,13 @@ class Quantization:
     storage: str = "uint8"
     """How 4-bit weights are stored: uint8, or the compute dtype when FSDP shards them."""
 
+    def to_dict(self) -> dict:
+        """As manifests have always recorded it: `storage` only where it is not the default."""
+        value = dataclasses.asdict(self)
+        if value["storage"] == "uint8":
+            del value["storage"]
+        return value
+
     def describe(self) -> str:
         if self.bits == 8:
             return "8-bit base"
@@ -144,9 +151,10 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         value = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for name in ("parent", "quantization"):
-            if value[name] is not None:
-                value[name] = dataclasses.asdict(value[name])
+        if self.parent is not None:
+            value["parent"] = dataclasses.asdict(self.parent)
+        if self.quantization is not None:
+            value["quantization"] = self.quantization.to_dict()
         return {**value, **self.extra}
 
     @classmethod
