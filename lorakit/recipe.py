@@ -25,7 +25,9 @@ from .errors import LorakitError, first_line
 @dataclass(frozen=True)
 class DataSettings:
     path: str
-    """A file (.txt, .json, .jsonl, .parquet) or a folder (of .txt files for CPT, or of data files)."""
+    """A file (.txt, .json, .jsonl, .parquet, each also .gz or .zst), a folder of them (any other file in
+    it is named in a note), a glob pattern (corpus/*.jsonl.gz), a folder written by datasets'
+    save_to_disk, or a hub dataset `hf:org/name`. Read from the folder lorakit runs in."""
     max_length: int = 1024
     """Tokens per training sequence. CPT documents longer than this are split into blocks, never cut;
     SFT conversations longer than this are truncated (and checked to keep trained tokens)."""
@@ -39,6 +41,18 @@ class DataSettings:
     """Held-out data in the same format: eval loss and perplexity are logged and kept in the manifest."""
     eval_split: float = 0.0
     """Instead of eval_path: hold out this share of the training examples (seeded by train.seed)."""
+    cache_dir: str | None = None
+    """Where tokenized, packed rows are kept between runs (null: ~/.cache/lorakit/data, or under
+    $XDG_CACHE_HOME). A run on the same data and settings reads them instead of tokenizing again."""
+    num_proc: int = 0
+    """Processes that tokenize the data; 0: one per core this process may use."""
+    streaming: bool = False
+    """Tokenize while training reads (nothing prepared ahead, nothing cached): for corpora larger than
+    the disk cache. Needs train.max_steps; evaluation then needs data.eval_path (not eval_split)."""
+    split: str = "train"
+    """For a hub dataset or a save_to_disk folder with several splits: the split to train on."""
+    field: str | None = None
+    """The record field holding the text (CPT) or the messages (SFT), when it is not `text` / `messages`."""
 
     def __post_init__(self):
         if self.max_length < 8:
@@ -47,8 +61,14 @@ class DataSettings:
             raise LorakitError(f"data.eval_split must be in [0, 1), got {self.eval_split}")
         if self.eval_split and self.eval_path:
             raise LorakitError("give data.eval_path or data.eval_split, not both")
+        if self.num_proc < 0:
+            raise LorakitError(f"data.num_proc must be 0 (one per core) or more, got {self.num_proc}")
+        if self.streaming and self.eval_split:
+            raise LorakitError("data.streaming cannot hold out data.eval_split (a stream is read once); give "
+                               "data.eval_path instead")
 
 
+REPORTS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 # The output head is applied by lorakit's chunked loss and the embeddings are tied to it in small Qwen2
 # models; a LoRA on either would be skipped by that loss or break the tie.
 OUTSIDE_THE_BLOCKS = ("lm_head", "embed_tokens")
@@ -137,6 +157,9 @@ class TrainSettings:
     published, so a failure while writing it loses nothing."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep."""
+    report_to: str | list[str] = "none"
+    """Also log to transformers' integrations: tensorboard, wandb, mlflow, trackio (or a list of them);
+    none: only metrics.jsonl and loss.png. TensorBoard's event files are kept in the adapter's runs/."""
     strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
     """With several processes (--nproc, torchrun, accelerate launch): ddp replicates the model;
     fsdp shards it (full shard); zero2 / zero3 are DeepSpeed ZeRO stages (needs `pip install deepspeed`)."""
@@ -156,6 +179,11 @@ class TrainSettings:
             raise LorakitError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range, which the Trainer's set_seed uses
             raise LorakitError(f"train.seed must be in 0 .. 4294967295, got {self.seed}")
+        reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        unknown = [r for r in reports if r not in REPORTS]
+        if unknown or not reports:
+            raise LorakitError(f"train.report_to {unknown[0] if unknown else reports!r}: expected one or more of "
+                               f"{', '.join(REPORTS)}")
         for name in ("save_steps", "eval_steps", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise LorakitError(f"train.{name} must not be negative, got {getattr(self, name)}")
@@ -192,6 +220,8 @@ class Recipe:
             raise LorakitError("the recipe needs `model` (a hub id or a local folder) or `parent`")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise LorakitError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        if self.data.streaming and self.train.max_steps <= 0:
+            raise LorakitError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
         if self.output and ".." in Path(self.output).parts:
             raise LorakitError(f"output {self.output!r} must not climb out of its folder with '..'")
 

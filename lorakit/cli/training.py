@@ -61,20 +61,22 @@ def validate(recipe, overrides):
 @click.option("-n", "--examples", default=2, show_default=True, help="How many examples to show.")
 def preview(recipe, overrides, examples):
     """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
-    from ..data.prepare import prepare
-    from ..data.preview import counts, spans
+    from ..data.prepare import first_examples, prepare
+    from ..data.preview import spans
     from ..weights.folders import base_of
     from ..weights.loading import load_tokenizer
 
     r = load(recipe, overrides)
     tokenizer = load_tokenizer(r.model or base_of(r.parent))
-    data = prepare(r, tokenizer)
-    for example in data.examples[:examples]:
+    data = prepare(r, tokenizer)  # every record checked; the figures below are the training rows'
+    for example in first_examples(r, tokenizer, examples):
         click.echo(click.style(f"--- {example.where}", bold=True))
         click.echo("".join(click.style(f"[[{t}]]", fg="green") if trained else t
                            for t, trained in spans(example, tokenizer)))
-    trained, masked = counts(data.examples)
-    click.echo(f"{len(data.examples)} examples: {trained:,} trained tokens, {masked:,} masked tokens")
+    s = data.stats
+    if s["rows"] is not None:
+        click.echo(f"{s['examples']} examples: {s['trained_tokens']:,} trained tokens, "
+                   f"{s['tokens'] - s['trained_tokens']:,} masked tokens")
     for note in data.notes:
         click.echo(note)
 

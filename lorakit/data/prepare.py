@@ -1,38 +1,359 @@
-"""A recipe's data, from files to training (and evaluation) rows, with the facts the log and the
-manifest report."""
+"""A recipe's data, from files to training (and evaluation) rows on disk, with the facts the log and the
+manifest report.
+
+    files -> records (Arrow, written as read) -> token ids and labels (datasets.map, every core)
+          -> checks (the first bad record named) -> packed rows (Arrow, written as packed)
+          -> the cache entry (data/cache.py), memory-mapped by the Trainer
+
+Memory stays flat in the corpus size: records and rows are written to disk as they are made, and
+training reads rows from the memory-mapped file. A second run on the same data reads the entry
+without tokenizing again; under torchrun, rank 0 prepares and the other ranks wait and read it.
+`data.streaming: true` skips the cache: rows are made on the fly while training reads them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 from ..errors import LorakitError
+from ..log import is_main, say
 from ..recipe import Recipe
-from .blocks import IGNORE, Example, pack_examples, stream_blocks
-from .chat import load_conversations, template_system_prompt, tokenize_conversations
-from .files import fingerprint_files
+from ..system.hub import hub_reachable
+from . import cache
+from .blocks import IGNORE, Example, first_fit, pack_examples, row, stream_blocks
+from .chat import end_of_turn, load_conversations, template_system_prompt, tokenize_conversations
+from .files import RECORD_SUFFIXES, TEXT_SUFFIXES, Source, fingerprint_files, raw_records, resolve
 from .text import load_documents, tokenize_documents
+from .tokenize import TokenizeSettings, tokenize_batch
+
+WRITE_ROWS = 256  # rows buffered before they are written (a 1024-token row is 12 KB)
 
 
 @dataclass
 class Prepared:
-    examples: list[Example]
-    rows: list[dict]
+    rows: Any
+    """Training rows: a memory-mapped datasets.Dataset, or an IterableDataset when streaming."""
     data_hash: str
+    stats: dict
+    """examples, rows, tokens, trained_tokens, eval_rows, split (CPT documents split into blocks),
+    truncated (SFT conversations cut before their last end-of-turn)."""
     system_prompt: str | None = None
     notes: list[str] = field(default_factory=list)
-    eval_rows: list[dict] = field(default_factory=list)
+    eval_rows: Any = None
+    location: Path | None = None
+    """The cache entry the rows were read from (None when streaming)."""
 
-    @property
-    def stats(self) -> dict:
-        return {
-            "examples": len(self.examples),
-            "rows": len(self.rows),
-            "tokens": sum(len(r["input_ids"]) for r in self.rows),
-            "trained_tokens": sum(sum(label != IGNORE for label in r["labels"]) for r in self.rows),
-            "eval_rows": len(self.eval_rows),
-        }
 
+def _sources(recipe: Recipe, tokenizer) -> tuple[Source, Source | None, TokenizeSettings]:
+    data, stage = recipe.data, recipe.stage
+    suffixes = TEXT_SUFFIXES if stage == "cpt" else RECORD_SUFFIXES
+    source = resolve(data.path, suffixes, data.split)
+    eval_source = resolve(data.eval_path, suffixes, data.split) if data.eval_path else None
+    system_prompt = None
+    if stage == "sft":
+        system_prompt = data.system_prompt if data.system_prompt is not None else template_system_prompt(tokenizer)
+    return source, eval_source, TokenizeSettings(stage, data.max_length, system_prompt, data.field)
+
+
+def first_examples(recipe: Recipe, tokenizer, count: int) -> list[Example]:
+    """The first `count` examples as training sees them, tokenized here and now (`lorakit preview`)."""
+    source, _, settings = _sources(recipe, tokenizer)
+    found = []
+    for example in _stream_examples(source, tokenizer, settings):
+        found.append(example)
+        if len(found) == count:
+            break
+    return found
+
+
+def prepare(recipe: Recipe, tokenizer) -> Prepared:
+    """Load, check, tokenize and pack the recipe's data (or read it from the cache); raises LorakitError
+    naming the first bad record."""
+    data, stage = recipe.data, recipe.stage
+    source, eval_source, settings = _sources(recipe, tokenizer)
+    system_prompt = settings.system_prompt
+    data_hash = _fingerprint(source)
+    if data.streaming:
+        return _streaming(recipe, source, eval_source, tokenizer, settings, data_hash)
+    key = cache.cache_key({"data": data_hash, "eval": _fingerprint(eval_source) if eval_source else None,
+                           "eval_split": data.eval_split, "seed": recipe.train.seed if data.eval_split else None,
+                           "tokenizer": cache.tokenizer_fingerprint(tokenizer), "stage": stage,
+                           "max_length": data.max_length, "packing": data.packing, "system_prompt": system_prompt,
+                           "field": data.field})
+    root = Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()
+    folder = _entry(root, key, lambda partial: _build(partial, recipe, source, eval_source, tokenizer, settings))
+    return _load(folder, data_hash, system_prompt)
+
+
+def _entry(root: Path, key: str, build) -> Path:
+    """The cache entry for `key`: found, waited for (ranks other than 0), or built now."""
+    found = cache.entry(root, key)
+    if found is not None:
+        cache.announce_hit(found, cache.read_meta(found))
+        return found
+    if not is_main():
+        return cache.wait_for(root, key)
+    with cache.preparing(root, key) as partial:
+        if partial is None:  # another process prepared it while this one waited for the lock
+            found = cache.entry(root, key)
+            cache.announce_hit(found, cache.read_meta(found))
+            return found
+        build(partial)
+    return root / key
+
+
+def _load(folder: Path, data_hash: str, system_prompt: str | None) -> Prepared:
+    from datasets import Dataset
+
+    meta = cache.read_meta(folder)
+    rows = Dataset.from_file(str(folder / "train.arrow"))
+    eval_rows = Dataset.from_file(str(folder / "eval.arrow")) if (folder / "eval.arrow").is_file() else None
+    return Prepared(rows, data_hash, meta["stats"], system_prompt, meta["notes"], eval_rows, folder)
+
+
+def _fingerprint(source: Source) -> str:
+    if source.files:
+        return fingerprint_files(source.files)
+    return _dataset(source)._fingerprint  # datasets' own fingerprint of the folder's or the hub's data
+
+
+def _build(partial: Path, recipe: Recipe, source: Source, eval_source: Source | None, tokenizer,
+           settings: TokenizeSettings) -> None:
+    """Prepare the entry in `partial`: tokenize in parallel, check, split, pack, write the rows."""
+    data, start = recipe.data, time.perf_counter()
+    num_proc = data.num_proc or len(os.sched_getaffinity(0))
+    say(f"data: tokenizing {source.label} with {num_proc} process(es) into {partial.parent} (once: later runs "
+        f"read it from there)")
+    notes = list(source.notes)
+    examples = _checked(_tokenized(source, partial / "work", tokenizer, settings, num_proc), settings, tokenizer,
+                        notes, source.label)
+    held_out = None
+    if eval_source is not None:
+        held_out = _checked(_tokenized(eval_source, partial / "work-eval", tokenizer, settings, num_proc), settings,
+                            tokenizer, [], eval_source.label)
+    elif data.eval_split > 0:
+        examples, held_out = _split(examples, data.eval_split, recipe.train.seed)
+        notes.append(f"{len(held_out)} of {len(examples) + len(held_out)} examples held out for evaluation")
+    stats = _write_rows(partial / "train.arrow", examples, settings.stage, data.max_length, data.packing)
+    if stats.get("split"):
+        notes.append(f"{stats['split']} of {stats['examples']} documents are longer than max_length="
+                     f"{data.max_length} and were split into blocks (not cut)")
+    if held_out is not None:
+        stats["eval_rows"] = _write_rows(partial / "eval.arrow", held_out, settings.stage, data.max_length,
+                                         data.packing)["rows"]
+    cache.write_meta(partial, {"stats": stats, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "seconds": round(time.perf_counter() - start, 1), "source": source.label,
+                               "num_proc": num_proc})
+    for work in partial.glob("work*"):
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"data: prepared in {time.perf_counter() - start:.1f} s")
+
+
+def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings, num_proc: int):
+    """The source's records as token ids and labels, in record order (Arrow files under `work`)."""
+    from datasets import Dataset, Features, Value
+
+    work.mkdir(parents=True, exist_ok=True)
+    if num_proc > 1:  # the workers are forked: tokenizers' own threads there would only oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if source.dataset:
+        records = _dataset(source).map(_as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label},
+                                       remove_columns=_dataset(source).column_names,
+                                       cache_file_name=str(work / "records.arrow"))
+    else:
+        features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string")})
+        records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files)}, features=features,
+                                         cache_dir=str(work / "generator"))
+    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if len(records) > 256 else None,
+                       fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
+                       cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
+                       desc="tokenizing")
+
+
+def _raw(files: list[Path]) -> Iterator[dict]:
+    for file in files:
+        for where, raw in raw_records(file):
+            yield {"where": where, "file": str(file), "raw": raw}
+
+
+def _as_raw(batch: dict, indices: list[int], label: str) -> dict:
+    names = list(batch)
+    rows = [dict(zip(names, values)) for values in zip(*batch.values())] if names else [{} for _ in indices]
+    return {"where": [f"{label} row {i + 1}" for i in indices], "file": [label] * len(indices),
+            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows]}
+
+
+def _dataset(source: Source):
+    """A datasets folder (save_to_disk) or a hub dataset, as a Dataset of the chosen split."""
+    import datasets
+
+    if source.dataset.startswith("hf:"):
+        return _hub(source)
+    loaded = datasets.load_from_disk(source.dataset)
+    if isinstance(loaded, datasets.DatasetDict):
+        if source.split not in loaded:
+            raise LorakitError(f"{source.label}: no split {source.split!r} (data.split); it has {', '.join(loaded)}")
+        loaded = loaded[source.split]
+    return loaded
+
+
+def _hub(source: Source):
+    import datasets
+
+    name = source.dataset.removeprefix("hf:")
+    if not hub_reachable():
+        raise LorakitError(f"{source.label}: the hub dataset cannot be downloaded here (the hub is unreachable); "
+                           f"download it where it is reachable (datasets.load_dataset({name!r}).save_to_disk(DIR)) "
+                           f"and set data.path: DIR")
+    try:
+        return datasets.load_dataset(name, split=source.split)
+    except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
+        from ..errors import first_line
+
+        raise LorakitError(f"{source.label}: cannot load the hub dataset ({first_line(exc)})") from None
+
+
+def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], label: str):
+    """The first bad record (in file order) as an error; notes on unread fields and truncation; the
+    examples that are kept (empty documents dropped). Read a batch at a time, never a whole column."""
+    unread: dict[tuple[str, str], list] = {}
+    eot = 0
+    for batch in examples.select_columns(["error", "file", "where", "unread", "eot"]).iter(batch_size=10_000):
+        found = next((e for e in batch["error"] if e), None)
+        if found:
+            raise LorakitError(found)
+        eot += sum(batch["eot"])
+        for file, where, fields in zip(batch["file"], batch["where"], batch["unread"]):
+            for name in fields:
+                unread.setdefault((file, name), [0, where])[0] += 1
+    notes += [f"note: {file}: field `{name}` is not read by lorakit ({count} record(s), first at "
+              f"{first.removeprefix(file).strip()})" for (file, name), (count, first) in unread.items()]
+    kept = examples.filter(lambda length: length > 0, input_columns="length") if settings.stage == "cpt" else examples
+    if len(kept) == 0:
+        raise LorakitError(f"{label}: no {'non-empty documents' if settings.stage == 'cpt' else 'conversations'} found")
+    if settings.stage == "sft":
+        cut = len(kept) - eot
+        if cut == len(kept):
+            raise LorakitError(f"no example trains the end-of-turn token {end_of_turn(tokenizer)}: the model would "
+                               f"never learn to stop; raise data.max_length")
+        if cut:
+            notes.append(f"{cut} of {len(kept)} conversations were truncated to max_length={settings.max_length} "
+                         f"before their last end-of-turn token")
+    return kept
+
+
+def _split(examples, share: float, seed: int):
+    """A seeded random share of the examples (at least one) held out; the rest keep their order."""
+    if len(examples) < 2:
+        raise LorakitError(f"data.eval_split needs at least 2 examples, found {len(examples)}")
+    count = min(len(examples) - 1, max(1, round(share * len(examples))))
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return (examples.select([i for i in range(len(examples)) if i not in held]), examples.select(sorted(held)))
+
+
+def _iter_examples(examples, order: list[int] | None = None) -> Iterator[Example]:
+    """Examples read back from Arrow a batch at a time (CPT labels are the ids themselves)."""
+    source = examples.select(order) if order is not None else examples
+    for batch in source.iter(batch_size=WRITE_ROWS):
+        for ids, labels, where in zip(batch["input_ids"], batch["labels"], batch["where"]):
+            yield Example(ids, labels or ids, where)
+
+
+def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool) -> dict:
+    """Pack the examples into rows and write them as Arrow, counting what the log and manifest report."""
+    from datasets import Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    counts: dict = {}
+    if stage == "cpt":
+        rows = stream_blocks(_iter_examples(examples), max_length, packing, counts)
+    elif packing:
+        groups = first_fit(examples["length"], max_length)
+        flat = _iter_examples(examples, [i for group in groups for i in group])
+        rows = (row([(e.input_ids, e.labels) for e in (next(flat) for _ in group)]) for group in groups)
+    else:
+        rows = (row([(e.input_ids, e.labels)]) for e in _iter_examples(examples))
+    features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "position_ids")})
+    stats = {"examples": len(examples), "rows": 0, "tokens": 0, "trained_tokens": 0, "eval_rows": 0}
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=WRITE_ROWS) as writer:
+        for packed in tqdm(rows, desc="packing rows", unit=" rows", disable=not is_main(), mininterval=1):
+            writer.write(packed)
+            stats["rows"] += 1
+            stats["tokens"] += len(packed["input_ids"])
+            stats["trained_tokens"] += sum(label != IGNORE for label in packed["labels"])
+        writer.finalize()
+    if counts.get("split"):
+        stats["split"] = counts["split"]
+    return stats
+
+
+def _streaming(recipe: Recipe, source: Source, eval_source: Source | None, tokenizer, settings: TokenizeSettings,
+               data_hash: str) -> Prepared:
+    """Rows made while training reads them: nothing is prepared ahead, nothing is cached."""
+    from datasets import IterableDataset
+
+    data = recipe.data
+    rows = IterableDataset.from_generator(_stream_rows, gen_kwargs={
+        "source": source, "tokenizer": tokenizer, "settings": settings, "packing": data.packing})
+    eval_rows = None
+    if eval_source is not None:
+        eval_examples = list(_stream_examples(eval_source, tokenizer, settings))
+        eval_rows = to_rows(settings.stage, eval_examples, data.max_length, data.packing)
+    say(f"data: streaming {source.label} (tokenized while training reads it; nothing cached)")
+    stats = {"examples": None, "rows": None, "tokens": None, "trained_tokens": None,
+             "eval_rows": len(eval_rows) if eval_rows else 0}
+    return Prepared(rows, data_hash, stats, settings.system_prompt, list(source.notes), eval_rows, None)
+
+
+def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
+    batch = {"where": [], "raw": []}
+    records = ((w, r) for file in source.files for w, r in raw_records(file)) if source.files else \
+        ((w, r) for out in _dataset(source).map(_as_raw, batched=True, with_indices=True,
+                                                fn_kwargs={"label": source.label}).iter(batch_size=WRITE_ROWS)
+         for w, r in zip(out["where"], out["raw"]))
+    for where, raw in records:
+        batch["where"].append(where)
+        batch["raw"].append(raw)
+        if len(batch["where"]) == WRITE_ROWS:
+            yield from _examples_of(batch, tokenizer, settings)
+            batch = {"where": [], "raw": []}
+    if batch["where"]:
+        yield from _examples_of(batch, tokenizer, settings)
+
+
+def _examples_of(batch: dict, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
+    out = tokenize_batch(batch, tokenizer, settings)
+    for where, ids, labels, error in zip(batch["where"], out["input_ids"], out["labels"], out["error"]):
+        if error:
+            raise LorakitError(error)
+        if ids:
+            yield Example(ids, labels or ids, where)
+
+
+def _stream_rows(source: Source, tokenizer, settings: TokenizeSettings, packing: bool) -> Iterator[dict]:
+    examples = _stream_examples(source, tokenizer, settings)
+    if settings.stage == "cpt":
+        yield from stream_blocks(examples, settings.max_length, packing)
+        return
+    window: list[Example] = []  # SFT: first-fit within windows of examples, as a stream allows
+    for example in examples:
+        window.append(example)
+        if len(window) == 1024:
+            yield from pack_examples(window, settings.max_length, packing)
+            window = []
+    if window:
+        yield from pack_examples(window, settings.max_length, packing)
+
+
+# In memory, for small data: `lorakit eval`, preview and the tests.
 
 def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: str | None):
     """Examples of a data path for a stage, the files read, and notes for the log."""
@@ -52,31 +373,5 @@ def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: s
 
 def to_rows(stage: str, examples: list[Example], max_length: int, packing: bool) -> list[dict]:
     if stage == "cpt":
-        return stream_blocks(examples, max_length, packing)
+        return list(stream_blocks(examples, max_length, packing))
     return pack_examples(examples, max_length, packing)
-
-
-def prepare(recipe: Recipe, tokenizer) -> Prepared:
-    """Load, check, tokenize and pack the recipe's data; raises LorakitError naming the bad record."""
-    data, stage = recipe.data, recipe.stage
-    system_prompt = None
-    if stage == "sft":
-        system_prompt = data.system_prompt if data.system_prompt is not None else template_system_prompt(tokenizer)
-    examples, files, notes = load_examples(stage, data.path, tokenizer, data.max_length, system_prompt)
-    held_out: list[Example] = []
-    if data.eval_path:
-        held_out = load_examples(stage, data.eval_path, tokenizer, data.max_length, system_prompt)[0]
-    elif data.eval_split > 0:
-        examples, held_out = _split(examples, data.eval_split, recipe.train.seed)
-        notes.append(f"{len(held_out)} of {len(examples) + len(held_out)} examples held out for evaluation")
-    return Prepared(examples, to_rows(stage, examples, data.max_length, data.packing), fingerprint_files(files),
-                    system_prompt, notes, to_rows(stage, held_out, data.max_length, data.packing))
-
-
-def _split(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random share of the examples (at least one) held out; the rest keep their order."""
-    if len(examples) < 2:
-        raise LorakitError(f"data.eval_split needs at least 2 examples, found {len(examples)}")
-    count = min(len(examples) - 1, max(1, round(share * len(examples))))
-    held = set(random.Random(seed).sample(range(len(examples)), count))
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

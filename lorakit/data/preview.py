@@ -12,8 +12,3 @@ def spans(example: Example, tokenizer) -> list[tuple[str, bool]]:
     """(text, trained) runs of one example, in order."""
     runs = groupby(zip(example.input_ids, example.labels), key=lambda pair: pair[1] != IGNORE)
     return [(tokenizer.decode([token for token, _ in run]), trained) for trained, run in runs]
-
-
-def counts(examples: list[Example]) -> tuple[int, int]:
-    trained = sum(label != IGNORE for e in examples for label in e.labels)
-    return trained, sum(len(e.labels) for e in examples) - trained

@@ -7,16 +7,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
-from .files import (
-    RECORD_SUFFIXES,
-    Record,
-    check_unicode,
-    data_files,
-    read_records,
-    read_text,
-)
-
-TEXT_SUFFIXES = (".txt",) + RECORD_SUFFIXES
+from .files import TEXT_SUFFIXES, Record, check_unicode, data_files, kind_of, read_records, read_text
 
 
 @dataclass(frozen=True)
@@ -30,24 +21,25 @@ def load_documents(path: str | Path) -> tuple[list[Document], list[Path]]:
     files = data_files(path, TEXT_SUFFIXES)
     documents = []
     for file in files:
-        if file.suffix.lower() == ".txt":
+        if kind_of(file) == ".txt":
             documents.append(Document(str(file), read_text(file)))
         else:
-            documents.extend(_document(record) for record in read_records(file))
+            documents.extend(Document(record.where, document_text(record)) for record in read_records(file))
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise LorakitError(f"{path}: no non-empty documents found")
     return documents, files
 
 
-def _document(record: Record) -> Document:
+def document_text(record: Record) -> str:
+    """The text of a CPT record, checked."""
     if not isinstance(record.value, dict) or "text" not in record.value:
         raise LorakitError(f"{record.where}: no `text` field (CPT records look like {{\"text\": \"...\"}})")
     text = record.value["text"]
     if not isinstance(text, str):
         raise LorakitError(f"{record.where}: field `text` must be a string, got {type(text).__name__}")
     check_unicode(text, record.where, "text")
-    return Document(record.where, text)
+    return text
 
 
 def tokenize_documents(documents: list[Document], tokenizer) -> list[Example]:

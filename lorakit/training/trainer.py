@@ -66,10 +66,16 @@ def micro_batch(recipe: Recipe, device: str) -> int:
     return max(d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0 and d <= rows)
 
 
-def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, ProgressCallback]:
-    """The Trainer writing checkpoints (and metrics.jsonl) into the run folder."""
+def _dataset(rows):
+    """Prepared rows as the Trainer takes them: the memory-mapped Dataset (or stream) as it is, a list
+    (small data made in memory) as a Dataset."""
     from datasets import Dataset
 
+    return Dataset.from_list(rows) if isinstance(rows, list) else rows
+
+
+def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, ProgressCallback]:
+    """The Trainer writing checkpoints (and metrics.jsonl) into the run folder."""
     recipe, device, dtype, run_dir = job.recipe, job.device, job.dtype, job.run_folder
     rows, eval_rows = job.data.rows, job.data.eval_rows
     t = recipe.train
@@ -88,15 +94,15 @@ def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, Progress
         # is published, so a full disk or a kill while writing it loses no training (save_steps 0: only that one).
         save_strategy="steps", save_steps=t.save_steps or FINAL_ONLY,
         save_total_limit=t.keep_checkpoints, logging_nan_inf_filter=False,
-        report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        report_to=t.report_to, disable_tqdm=True, remove_unused_columns=False,
         dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),
     )
     collator = Collator(job.tokenizer.pad_token_id)
     progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop)
     chunked = t.strategy == "ddp"  # FSDP/DeepSpeed shard the head's weight: leave the loss to the model
-    trainer = _Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    trainer = _Trainer(model=model, args=args, train_dataset=_dataset(rows),
                        compute_loss_func=make_loss(output_head(model)) if chunked else None,
-                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                       eval_dataset=_dataset(eval_rows) if eval_rows else None,
                        data_collator=collator, eval_collator=Collator(job.tokenizer.pad_token_id), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
     check_engine(trainer, t.strategy)

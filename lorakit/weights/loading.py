@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from ..errors import LorakitError, first_line
-from ..log import say
+from ..system.hub import hub_reachable
 from ..recipe import Recipe
 from .manifest import Quantization
 
@@ -49,30 +46,13 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-@functools.lru_cache(maxsize=1)
-def _use_cache_only_if_hub_unreachable() -> None:
-    """One quick connection probe before the first hub load. Written here because huggingface_hub
-    retries an unreachable host five times with back-off (about 25 s per file) before transformers
-    falls back to the local cache; offline mode goes to the cache at once."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
-    except OSError:
-        constants.HF_HUB_OFFLINE = True
-        say(f"the model hub ({url.hostname}) is unreachable: using the local cache only")
-
-
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """Call a transformers loader, turning the usual failures into one line that names `name`."""
     local = Path(name).expanduser()
     if not local.exists() and _looks_local(name):
         raise LorakitError(f"{name}: model folder not found (looked at {local.resolve()})")
     if not local.exists():
-        _use_cache_only_if_hub_unreachable()
+        hub_reachable()  # offline at once when it is not
     if local.is_dir() and not (local / "config.json").is_file():
         raise LorakitError(f"{name}: not a model folder (no config.json)")
     try:

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 from ..errors import LorakitError
 from ..recipe import output_path  # noqa: F401  (where an output setting points)
+from ..system.processes import dead_writers
 from .manifest import Manifest
 
 # What lorakit wrote into an output before manifests listed their files (lorakit 0.1.0).
@@ -132,26 +133,9 @@ def remove_folder(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def leftovers(folder: Path) -> list[Path]:
     """Partial writes, replaced outputs and checkpoint trash under `folder` whose writer has died."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = LEFTOVER.match(path.name)
-        if match and path.is_dir() and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
-            found.append(path)
-    return sorted(found)
+    return dead_writers(folder, LEFTOVER)
 
 
 def sweep(folder: Path) -> list[Path]:

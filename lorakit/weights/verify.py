@@ -24,9 +24,11 @@ def tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
     return RELATIVE_TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
 
 
-def probe_ids(rows: list[dict]) -> torch.Tensor:
-    """The first tokens of the first training row: text the model has seen, in the layout it trained on."""
-    return torch.tensor([rows[0]["input_ids"][:PROBE_TOKENS]])
+def probe_ids(rows) -> torch.Tensor:
+    """The first tokens of the first training row: text the model has seen, in the layout it trained on
+    (rows: a list, a Dataset or a stream of rows)."""
+    first = rows[0] if hasattr(rows, "__getitem__") and not hasattr(rows, "_ex_iterable") else next(iter(rows))
+    return torch.tensor([first["input_ids"][:PROBE_TOKENS]])
 
 
 def text_probe(tokenizer) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Raw records -> token ids and labels, a batch at a time: the step that preparation runs on every
+core (`datasets.map(num_proc=...)`), and that streaming and preview run in-process.
+
+A bad record does not raise inside a worker: its message goes into the `error` column, and the
+preparation names the first bad record in file order, whichever worker found it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LorakitError
+from .blocks import IGNORE
+from .chat import end_of_turn, to_messages, tokenize_conversation, with_system
+from .files import Record, parse
+from .text import document_text
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    stage: str
+    max_length: int
+    system_prompt: str | None = None
+    field: str | None = None
+    """The record field holding the text (CPT) or the messages (SFT), when it is not `text` / `messages`."""
+
+
+def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
+    """Columns: input_ids, labels (empty for CPT: every token is trained), length, error, unread (fields
+    lorakit did not read), eot (the end-of-turn token is trained; SFT)."""
+    out = {"input_ids": [], "labels": [], "length": [], "error": [], "unread": [], "eot": []}
+    if settings.stage == "cpt":
+        _documents(batch, tokenizer, settings, out)
+    else:
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+        for where, raw in zip(batch["where"], batch["raw"]):
+            try:
+                messages, unread = to_messages(_record(where, raw, settings.field, "messages"))
+                example = tokenize_conversation(tokenizer, with_system(messages, settings.system_prompt),
+                                                settings.max_length, where)
+                if all(label == IGNORE for label in example.labels):
+                    raise LorakitError(f"{where}: no assistant token is left after truncation to data.max_length="
+                                       f"{settings.max_length}; raise max_length or shorten the conversation")
+            except LorakitError as exc:
+                _failed(out, str(exc))
+                continue
+            _add(out, example.input_ids, example.labels, "", unread, eot_id in example.labels)
+    return out
+
+
+def _documents(batch: dict, tokenizer, settings: TokenizeSettings, out: dict) -> None:
+    texts, errors = [], []
+    for where, raw in zip(batch["where"], batch["raw"]):
+        try:
+            texts.append(document_text(_record(where, raw, settings.field, "text")))
+            errors.append("")
+        except LorakitError as exc:
+            texts.append("")
+            errors.append(str(exc))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    for text, ids, error in zip(texts, encoded, errors):
+        kept = ids + [eos] if text.strip() else []  # an empty document is dropped
+        _add(out, kept, [], error, [], True)
+
+
+def _record(where: str, raw: str, field: str | None, standard: str) -> Record:
+    value = parse(raw, where)
+    if field is not None and isinstance(value, dict):
+        if field not in value:
+            raise LorakitError(f"{where}: no `{field}` field (data.field)")
+        value = {standard: value[field]}
+    return Record(where, value)
+
+
+def _add(out: dict, ids: list[int], labels: list[int], error: str, unread: list[str], eot: bool) -> None:
+    out["input_ids"].append(ids)
+    out["labels"].append(labels)
+    out["length"].append(len(ids))
+    out["error"].append(error)
+    out["unread"].append(unread)
+    out["eot"].append(eot)
+
+
+def _failed(out: dict, error: str) -> None:
+    _add(out, [], [], error, [], False)

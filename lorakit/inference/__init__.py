@@ -1,0 +1,1 @@
+"""Inference: generation, sessions of named adapters on one base, the server, evaluation."""

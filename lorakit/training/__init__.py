@@ -1,0 +1,1 @@
+"""Training: a recipe -> a trained adapter (transformers' Trainer, set up and checked by lorakit)."""
