@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from lorakit.system.threads import share_cores  # noqa: E402  (before any test m
 
 share_cores()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared data goes to a cache of this test session's own, never the user's ~/.cache/lorakit.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lorakit-tests-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DOCS = [

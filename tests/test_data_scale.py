@@ -19,10 +19,10 @@ def tokenizer(tiny_base):
     return AutoTokenizer.from_pretrained(tiny_base)
 
 
-def _recipe(work, model, data, stage="cpt", extra=""):
-    path = write_recipe(work / "r.yaml", f"stage: {stage}\nmodel: {model}\ndata: {{path: {data}, max_length: 32, "
-                                         f"cache_dir: {work / 'cache'}{extra}}}\ntrain: {{max_steps: 2}}\n")
-    return load_recipe(path)
+def _recipe(work, model, data, stage="cpt", **settings):
+    settings = {"path": str(data), "max_length": 32, "cache_dir": str(work / "cache"), **settings}
+    text = json.dumps({"stage": stage, "model": model, "data": settings, "train": {"max_steps": 2}})
+    return load_recipe(write_recipe(work / "r.yaml", text))  # JSON is YAML
 
 
 def _docs(n: int) -> list[dict]:
@@ -37,7 +37,7 @@ def test_prepared_rows_are_the_rows_the_in_memory_packing_makes(work, tokenizer,
     """The Arrow path keeps packing's guarantees: the same rows, position ids and masks as before."""
     write_jsonl(work / "docs.jsonl", _docs(40))
     for packing in (True, False):
-        recipe = _recipe(work, "m", work / "docs.jsonl", extra=f", packing: {str(packing).lower()}")
+        recipe = _recipe(work, "m", work / "docs.jsonl", packing=packing)
         rows = _rows(prepare(recipe, tokenizer).rows)
         examples = load_examples("cpt", work / "docs.jsonl", tokenizer, 32, None)[0]
         assert rows == to_rows("cpt", examples, 32, packing)
@@ -60,7 +60,7 @@ def test_data_is_tokenized_once_and_a_change_is_a_miss_never_a_stale_hit(work, t
     (work / "docs.jsonl").write_text((work / "docs.jsonl").read_text().replace("Record 3.", "Record 9."))  # same size
     changed = prepare(_recipe(work, "m", work / "docs.jsonl"), tokenizer)
     assert changed.location != first.location and "tokenizing" in capsys.readouterr().err
-    longer = prepare(_recipe(work, "m", work / "docs.jsonl", extra=", max_length: 48"), tokenizer)
+    longer = prepare(_recipe(work, "m", work / "docs.jsonl", max_length=48), tokenizer)
     assert longer.location not in (first.location, changed.location)
     other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     other.add_tokens(["Orbix"])
@@ -69,10 +69,9 @@ def test_data_is_tokenized_once_and_a_change_is_a_miss_never_a_stale_hit(work, t
 
 def test_parallel_tokenization_makes_the_same_rows_as_one_process(work, tokenizer):
     write_jsonl(work / "docs.jsonl", _docs(1200))  # more than one batch per worker
-    one = prepare(_recipe(work, "m", work / "docs.jsonl", extra=", num_proc: 1"), tokenizer)
-    two = prepare(_recipe(work / "..", "m", work / "docs.jsonl", extra=f", num_proc: 2, cache_dir: {work / 'c2'}"),
-                  tokenizer)
-    assert one.location != two.location and _rows(one.rows) == _rows(two.rows)
+    one = prepare(_recipe(work, "m", work / "docs.jsonl", num_proc=1), tokenizer)
+    two = prepare(_recipe(work, "m", work / "docs.jsonl", num_proc=2, cache_dir=str(work / "c2")), tokenizer)
+    assert one.location.parent != two.location.parent and _rows(one.rows) == _rows(two.rows)
 
 
 def test_a_bad_record_deep_in_the_data_is_named_and_leaves_no_cache_entry(work, tokenizer):
@@ -80,7 +79,7 @@ def test_a_bad_record_deep_in_the_data_is_named_and_leaves_no_cache_entry(work, 
     records[1499] = {"txt": "misspelled field"}
     write_jsonl(work / "docs.jsonl", records)
     with pytest.raises(LorakitError, match="docs.jsonl line 1500: no `text` field"):
-        prepare(_recipe(work, "m", work / "docs.jsonl", extra=", num_proc: 2"), tokenizer)
+        prepare(_recipe(work, "m", work / "docs.jsonl", num_proc=2), tokenizer)
     assert [p.name for p in (work / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -95,7 +94,7 @@ def test_every_file_of_a_folder_is_read_or_named(work, tokenizer):
     prepared = prepare(_recipe(work, "m", folder), tokenizer)
     assert prepared.stats["examples"] == 3 + 5 + 1
     assert any("1 file(s) in" in n and "manual.pdf" in n for n in prepared.notes)
-    by_glob = prepare(_recipe(work, "m", f"'{folder}/*.jsonl*'"), tokenizer)
+    by_glob = prepare(_recipe(work, "m", f"{folder}/*.jsonl*"), tokenizer)
     assert by_glob.stats["examples"] == 8
 
 
@@ -103,7 +102,7 @@ def test_a_saved_datasets_folder_and_a_hub_id(work, tokenizer):
     from datasets import Dataset
 
     Dataset.from_list([{"body": d["text"]} for d in _docs(6)]).save_to_disk(str(work / "saved"))
-    prepared = prepare(_recipe(work, "m", work / "saved", extra=", field: body"), tokenizer)
+    prepared = prepare(_recipe(work, "m", work / "saved", field="body"), tokenizer)
     assert prepared.stats["examples"] == 6
     with pytest.raises(LorakitError, match="hf:org/corpus: the hub dataset cannot be downloaded here"):
         prepare(_recipe(work, "m", "hf:org/corpus"), tokenizer)

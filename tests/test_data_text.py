@@ -35,13 +35,13 @@ def test_json_and_jsonl_records_are_documents(work):
 def test_long_documents_are_split_into_blocks_not_cut_and_short_ones_packed(corpus, tokenizer):
     examples = tokenize_documents(load_documents(corpus)[0], tokenizer)
     total = sum(len(e.input_ids) for e in examples)
-    rows = stream_blocks(examples, max_length=16, packing=True)
+    rows = list(stream_blocks(examples, max_length=16, packing=True))
     long = sum(len(e.input_ids) > 16 for e in examples)
     assert long and load_examples("cpt", corpus, tokenizer, 16, None)[2] == [
         f"{long} of {len(examples)} documents are longer than max_length=16 and were split into blocks (not cut)"]
     assert [t for r in rows for t in r["input_ids"]] == [t for e in examples for t in e.input_ids]
     assert all(len(r["input_ids"]) == 16 for r in rows[:-1]) and len(rows) == -(-total // 16)
-    unpacked = stream_blocks(examples, max_length=16, packing=False)
+    unpacked = list(stream_blocks(examples, max_length=16, packing=False))
     assert len(unpacked) == sum(-(-len(e.input_ids) // 16) for e in examples)
 
 
@@ -49,7 +49,7 @@ def test_packed_documents_do_not_see_or_predict_each_other(tokenizer):
     from lorakit.data.blocks import Example
 
     a, b = Example([5, 6, 7], [5, 6, 7], "a"), Example([8, 9], [8, 9], "b")
-    (row,) = stream_blocks([a, b], max_length=8, packing=True)
+    (row,) = list(stream_blocks([a, b], max_length=8, packing=True))
     assert row["position_ids"] == [0, 1, 2, 0, 1]  # positions restart: a block-diagonal mask
     assert row["labels"] == [5, 6, 7, IGNORE, 9]  # b's first token is not predicted from a's end
     batch = Collator(pad_token_id=0)([row, {"input_ids": [1], "labels": [1], "position_ids": [0]}])

@@ -35,8 +35,12 @@ def _losses(adapter):
 def test_two_processes_train_like_one_with_the_same_global_batch(work, corpus, tiny_base):
     two = write_recipe(work / "two.yaml", RECIPE.format(model=tiny_base, name="two", data=corpus, batch=1))
     one = write_recipe(work / "one.yaml", RECIPE.format(model=tiny_base, name="one", data=corpus, batch=2))
-    result = _run(work, "train", two, "--nproc", "2")
+    result = _run(work, "train", two, "--nproc", "2", "data.cache_dir=cache")
     assert result.returncode == 0, result.stderr
+    # the data was tokenized once, by rank 0; rank 1 read the same cache entry
+    assert result.stderr.count("data: tokenizing") == 1
+    assert [p.name for p in (work / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        next(p.name for p in (work / "cache").iterdir() if p.is_dir())]
     assert "world size 2: global batch 1 rows x 1 accumulation x 2 processes = 2 rows per step (ddp)" in result.stderr
     assert "all 2 processes hold the same trained weights" in result.stderr
     assert result.stdout.count("adapter written to adapters/two") == 1

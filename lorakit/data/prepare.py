@@ -87,7 +87,7 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer), "stage": stage,
                            "max_length": data.max_length, "packing": data.packing, "system_prompt": system_prompt,
                            "field": data.field})
-    root = Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()
+    root = (Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()).resolve()
     folder = _entry(root, key, lambda partial: _build(partial, recipe, source, eval_source, tokenizer, settings))
     return _load(folder, data_hash, system_prompt)
 
@@ -168,6 +168,8 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
                                        remove_columns=_dataset(source).column_names,
                                        cache_file_name=str(work / "records.arrow"))
     else:
+        if next(_raw(list(source.files)), None) is None:  # datasets cannot build a dataset of nothing
+            raise LorakitError(f"{source.label}: no {'documents' if settings.stage == 'cpt' else 'conversations'} found")
         features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string")})
         records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files)}, features=features,
                                          cache_dir=str(work / "generator"))
