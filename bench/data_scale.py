@@ -8,8 +8,10 @@ first optimizer step on a cache hit, and two processes, on generated corpora of 
 The corpus: .jsonl documents of 0.2-20 KB, each English or Chinese (about a quarter Chinese), made of
 sentences drawn from a fixed pool. The tokenizer: a byte-level BPE of 4,096 tokens with Qwen2's
 pre-tokenizer, trained on 5 MB of the corpus; the model: a tiny Qwen2 (hidden 64, 2 layers) on it.
-Every measurement is a fresh `lorakit` process; memory is the peak of the summed RSS of the process and
-its children, sampled every 0.2 s. Prints a Markdown table for bench/RESULTS.md.
+Every measurement is a fresh `lorakit` process; memory is sampled every 0.2 s over the process and its
+children: the peak of their summed RSS, and the peak of their summed anonymous memory (RssAnon: what the
+processes allocated, without the pages of memory-mapped files, which are page cache the kernel reclaims
+as needed). Prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ def measure(command: list[str], cwd: Path, first_step_of: Path | None = None, co
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "lorakit", *command], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak, first = psutil.Process(process.pid), 0, None
+    root, peak, anon, rank, first = psutil.Process(process.pid), 0, 0, 0, None
     while process.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            each = [_anonymous(p.pid) for p in tree]
+            anon, rank = max(anon, sum(each)), max(rank, max(each))
         except psutil.Error:
             pass
         if first_step_of is not None and first is None and first_step_of.is_file() and first_step_of.stat().st_size:
@@ -107,8 +111,19 @@ def measure(command: list[str], cwd: Path, first_step_of: Path | None = None, co
     out, err = process.communicate()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak / 2**30, "first_step_s": first,
-            "stdout": out, "stderr": err}
+    return {"seconds": time.perf_counter() - start, "peak_gib": peak / 2**30, "anon_gib": anon / 2**30,
+            "largest_process_anon_gib": rank / 2**30, "first_step_s": first, "stdout": out, "stderr": err}
+
+
+def _anonymous(pid: int) -> int:
+    """Bytes of anonymous resident memory (RssAnon) of a process, 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def tokens_of(cache: Path) -> int:
@@ -139,17 +154,18 @@ def main() -> None:
             prep = measure(["data", "prepare", str(r)], WORK)
             tokens = tokens_of(cache)
             row = {"mb": mb, "procs": procs, "prep_s": prep["seconds"], "tok_per_s": tokens / prep["seconds"],
-                   "prep_peak": prep["peak_gib"], "tokens": tokens}
+                   "prep_peak": prep["peak_gib"], "prep_anon": prep["anon_gib"], "tokens": tokens}
             if procs == 2:  # training on the cache hit: memory and the time to the first optimizer step
                 shutil.rmtree(WORK / "out", ignore_errors=True)
                 train = measure(["train", str(r)], WORK, run_folder_metrics(r))
-                row.update(train_peak=train["peak_gib"], first_step_s=train["first_step_s"],
-                           hit="read from the cache" in train["stderr"])
+                row.update(train_peak=train["peak_gib"], train_anon=train["anon_gib"],
+                           first_step_s=train["first_step_s"], hit="read from the cache" in train["stderr"])
                 shutil.rmtree(WORK / "out", ignore_errors=True)
                 cache2 = WORK / f"cache-{mb}-ddp"
                 shutil.rmtree(cache2, ignore_errors=True)
                 ddp = measure(["train", str(recipe(corpus, model, cache2, num_proc=2)), "--nproc", "2"], WORK)
-                row.update(ddp_peak=ddp["peak_gib"], ddp_tokenized=ddp["stderr"].count("data: tokenizing"),
+                row.update(ddp_peak=ddp["peak_gib"], ddp_rank_anon=ddp["largest_process_anon_gib"],
+                           ddp_tokenized=ddp["stderr"].count("data: tokenizing"),
                            ddp_entries=sum(1 for p in cache2.iterdir() if p.is_dir()))
                 shutil.rmtree(cache2, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
@@ -162,25 +178,28 @@ def main() -> None:
         r = recipe(corpora[mb], model, WORK / "unused")
         r.write_text(r.read_text().replace(f", cache_dir: {WORK / 'unused'}, num_proc: 0", ""))
         result = measure(["train", str(r)], WORK, run_folder_metrics(r), code=str(Path(args.old_code).resolve()))
-        old = {"mb": mb, "peak": result["peak_gib"], "first_step_s": result["first_step_s"]}
+        old = {"mb": mb, "peak": result["peak_gib"], "anon": result["anon_gib"], "first_step_s": result["first_step_s"]}
         print(json.dumps(old), file=sys.stderr, flush=True)
     report(rows, old)
 
 
 def report(rows: list[dict], old: dict | None) -> None:
     print(f"\n{platform.machine()}, {os.cpu_count()} cores; tiny Qwen2 (hidden 64, 2 layers, 4,096-token BPE); "
-          f"max_length 1024, batch 4, packing on\n")
-    print("| corpus | tokens | num_proc | prepare (s) | tokens/s | peak RSS preparing (GiB) | peak RSS, 20 steps on the "
-          "cache (GiB) | first optimizer step on a cache hit (s) | --nproc 2: tokenized / peak RSS (GiB) |")
+          f"max_length 1024, batch 4, packing on. Memory: peak summed RSS / peak summed anonymous memory, GiB\n")
+    print("| corpus | tokens | num_proc | prepare (s) | tokens/s | memory preparing | memory, 20 steps on the cache | "
+          "first optimizer step on a cache hit (s) | --nproc 2: tokenized; largest rank's anonymous memory |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        train = (f"{r['train_peak']:.2f} | {r['first_step_s']:.1f}" if "train_peak" in r else "- | -")
-        ddp = f"{r['ddp_tokenized']}x, {r['ddp_entries']} entry / {r['ddp_peak']:.2f}" if "ddp_peak" in r else "-"
+        train = (f"{r['train_peak']:.2f} / {r['train_anon']:.2f} | {r['first_step_s']:.1f}" if "train_peak" in r
+                 else "- | -")
+        ddp = (f"{r['ddp_tokenized']}x ({r['ddp_entries']} cache entry); {r['ddp_rank_anon']:.2f}" if "ddp_peak" in r
+               else "-")
         print(f"| {r['mb']} MB | {r['tokens']:,} | {r['procs']} | {r['prep_s']:.1f} | {r['tok_per_s']:,.0f} | "
-              f"{r['prep_peak']:.2f} | {train} | {ddp} |")
+              f"{r['prep_peak']:.2f} / {r['prep_anon']:.2f} | {train} | {ddp} |")
     if old:
         print(f"\nBefore issue 14 (rows in Python lists, tokenized on every run), {old['mb']} MB: `lorakit train` peaked "
-              f"at {old['peak']:.2f} GiB and reached its first optimizer step after {old['first_step_s']:.1f} s.")
+              f"at {old['peak']:.2f} / {old['anon']:.2f} GiB and reached its first optimizer step after "
+              f"{old['first_step_s']:.1f} s.")
 
 
 if __name__ == "__main__":
