@@ -173,7 +173,8 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
         features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string")})
         records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files)}, features=features,
                                          cache_dir=str(work / "generator"))
-    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 and len(records) > 256 else None,
+    parallel = num_proc if num_proc > 1 and len(records) > 256 else None  # 1: in this process, no pool
+    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=parallel,
                        fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
                        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
                        desc="tokenizing")
