@@ -123,21 +123,38 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
     click.echo(f"{len(texts)} prompts x {len(table)} models written to {output}")
 
 
-@click.command()
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @session_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (local only by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-input-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the model's context).")
 @click.option("--max-body", default="1MB", show_default=True, help="Refuse larger request bodies (413).")
-def serve(model, adapters, force, host, port, max_input_tokens, max_body):
-    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models); `model` picks the adapter."""
-    from ..inference.serve import serve as run_server
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests generated together in one batch (lorakit engine).")
+@click.option("--engine", type=click.Choice(["lorakit", "vllm"]), default="lorakit", show_default=True,
+              help="lorakit: this process generates; vllm: vLLM serves, lorakit in front (see README).")
+@click.option("--vllm", "vllm_program", help="The vllm program (default: $LORAKIT_VLLM, or vllm on PATH).")
+@click.pass_context
+def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, max_batch, engine, vllm_program):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a page at /; `model`
+    picks the adapter. With --engine vllm, further options (--tensor-parallel-size 2 ...) go to vLLM."""
     from ..training.plan import parse_size
 
     body_limit = int(parse_size(max_body, "--max-body"))
+    if ctx.args and engine != "vllm":
+        raise LorakitError(f"unknown option {ctx.args[0]} (options after the known ones go to vLLM: --engine vllm)")
+    if engine == "vllm":
+        from ..inference.session import parse_entries
+        from ..inference.vllm import serve_with_vllm
+
+        return serve_with_vllm(parse_entries(adapters), model, host, port, vllm=vllm_program,
+                               engine_options=tuple(ctx.args), max_body=body_limit, force=force)
+    from ..inference.serve import create_app
+    from ..inference.serve import serve as run_server
+
     session = open_session(model, adapters, force)
-    click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1", err=True)
-    run_server(session, host, port, max_input_tokens, body_limit)
+    click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1 (and a page at /)", err=True)
+    run_server(create_app(session, max_input_tokens, max_body=body_limit, max_batch=max_batch), host, port)
 
 
 COMMANDS = [generate, chat, eval_command, compare, serve]

@@ -43,12 +43,33 @@ def merge(adapters, weights, combination, **options):
     click.echo(f"adapter written to {path} ({combination} of {len(adapters)} adapters)")
 
 
+FORMATS = ["model", "adapter"]
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "form", type=click.Choice(FORMATS), default="model", show_default=True,
+              help="model: a merged model folder; adapter: the chain as one plain peft adapter (for vLLM).")
 @model_output_options
-def export(sources, **options):
-    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder."""
+def export(sources, form, **options):
+    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder, or
+    (--format adapter) an adapter chain as one adapter."""
+    if form == "adapter":
+        return _export_adapter(sources, **options)
     _export(sources, **options)
+
+
+def _export_adapter(sources, output, model, force, overwrite, **unused):
+    from pathlib import Path
+
+    from ..weights.flatten import export_flat_adapter
+    from ..weights.loading import resolve_device
+
+    if len(sources) != 1:
+        raise LorakitError("--format adapter takes one adapter (its parents come along from its parent/ copy)")
+    path = export_flat_adapter(sources[0], Path(output), model_name=model, overwrite=overwrite, force=force,
+                               device=resolve_device())
+    click.echo(f"adapter written to {path} (the chain as one adapter)")
 
 
 @click.group()

