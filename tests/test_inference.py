@@ -77,7 +77,7 @@ def test_switching_adapters_in_chat_starts_a_new_conversation(domains, tiny_inst
 
 
 def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny_base):
-    """Active adapters add their updates: the parent + child entry equals the merged chain."""
+    """The parent + child entry (flattened into one adapter) equals the merged chain."""
     import torch
 
     from lorakit.inference.session import Session
@@ -88,7 +88,9 @@ def test_a_stacked_cpt_and_sft_pair_is_one_named_entry(work, corpus, chats, tiny
     sft = f"stage: sft\nparent: adapters/cpt\ndata: {{path: {chats}}}\ntrain: {{max_steps: 30, lr: 3.0e-3}}\n"
     lorakit("train", write_recipe(work / "sft.yaml", sft))
     session = Session(None, {"stacked": "adapters/sft", "cpt": "adapters/cpt"}, "cpu", torch.float32)
-    assert len(session.entries["stacked"]) == 2 and session.entries["cpt"] == session.entries["stacked"][:1]
+    # each entry is one adapter (what a batch needs): the chain's ranks concatenated
+    ranks = {name: session.model.peft_config[adapter].r for name, adapter in session.entries.items()}
+    assert ranks == {"stacked": 16 + 16, "cpt": 16}
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     session.use("stacked")
     with torch.no_grad(), session.active() as model:

@@ -44,7 +44,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, gather_s: float = 0.005):
         self.model, self.tokenizer, self.max_batch, self.gather_s = model, tokenizer, max_batch, gather_s
         self.pending: queue.Queue[Request] = queue.Queue()
-        self.stats = {"batches": 0, "rows": 0, "largest": 0}
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}
+        """Batches run, rows generated, the largest batch, rows stopped because their client left."""
         threading.Thread(target=self._serve, daemon=True, name="lorakit-engine").start()
 
     def submit(self, request: Request) -> Future:
@@ -63,6 +64,7 @@ class Engine:
             for r in batch:
                 if r.cancel.is_set():
                     r.done.set_result(Generation("", len(r.prompt_ids), 0, "cancelled"))
+                    self.stats["cancelled"] += 1
             if not live:
                 continue
             try:
@@ -96,6 +98,7 @@ class Engine:
                 positions = positions[:, -1:] + 1
         for row in rows:
             row.finish()
+            self.stats["cancelled"] += row.reason == "cancelled"
 
 
 class _Row:

@@ -234,7 +234,6 @@ class Generator:
             await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
             if not done.done() and await http.is_disconnected():
                 work.cancel.set()
-                self.engine.stats["cancelled"] = self.engine.stats.get("cancelled", 0) + 1
         result = await done
         if work.cancel.is_set():
             raise ApiError(499, "the client closed the connection", code="client_closed")

@@ -36,6 +36,7 @@ def flatten_into(model, chain: list[Path], name: str = FLAT):
     for part, folder in zip(parts, chain):
         model = apply_adapter(model, folder, merge=False, name=part)
     model.add_weighted_adapter(parts, [1.0] * len(parts), name, combination_type="cat")
+    model.set_adapter(name)
     for part in parts:
         model.delete_adapter(part)
     return model
