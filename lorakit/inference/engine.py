@@ -154,10 +154,11 @@ class _Row:
         self.sent = max(self.sent, text, key=len)
 
     def finish(self) -> None:
-        """Say the rest (what was held back) and resolve the request."""
+        """Say the rest (what was held back) and resolve the request. A character whose bytes were cut off
+        by the end of generation is left out, not sent as U+FFFD (vLLM's detokenizer does the same)."""
         if self.reason is None:
             self.reason = "length"
-        text, _ = self._text()
+        text = self._text()[0].rstrip("\ufffd")
         self._emit(text)
         self.request.done.set_result(Generation(text, len(self.request.prompt_ids), len(self.tokens), self.reason))
 

