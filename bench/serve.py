@@ -65,7 +65,9 @@ def start(model: Path, adapters: dict[str, Path], code: str | None, extra: list[
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": code} if code else {})}
     args = [sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--port", str(port),
             *[f"--adapter={n}={p}" for n, p in adapters.items()], *extra]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # `python -m` puts the working folder first on sys.path: run the old code from its own folder
+    process = subprocess.Popen(args, env=env, cwd=code or ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900
     while True:
@@ -105,7 +107,7 @@ def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--old-code", help="a checkout of lorakit before issue 15 (served with this venv)")
-    parser.add_argument("--vllm", help="the vllm program (as lorakit serve --vllm)")
+    parser.add_argument("--vllm", help="vLLM's program or its environment's Python (as lorakit serve --vllm)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     args = parser.parse_args()
@@ -117,7 +119,7 @@ def main() -> None:
     servers["lorakit serve (batched)"] = (None, [])
     if args.vllm:
         servers["vLLM (CPU build) behind lorakit serve --engine vllm"] = (None, [
-            "--engine", "vllm", "--vllm", args.vllm, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "512",
+            "--engine", "vllm", "--vllm", args.vllm, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
             "--gpu-memory-utilization", "0.08"])
     rows = []
     for name, (code, extra) in servers.items():
