@@ -70,9 +70,21 @@ def engines(adapters, tmp_path_factory):
     from lorakit.inference.session import Session
 
     model, found = adapters
+    process, url = _serve_with_vllm(model, found, tmp_path_factory.mktemp("cache"))
+    session = Session(str(model), {n: str(p) for n, p in found.items()}, "cpu", torch.float32)
+    try:
+        with _running(create_app(session)) as ours:
+            yield url, ours
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+
+
+def _serve_with_vllm(model, adapters: dict, cache) -> tuple[subprocess.Popen, str]:
+    """`lorakit serve --engine vllm` in a process of its own, once it answers."""
     port = _free_port()
-    specs = [f"--adapter={name}={path}" for name, path in found.items()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    specs = [f"--adapter={name}={path}" for name, path in adapters.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(cache)}
     process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--engine", "vllm", "--vllm", VLLM,
                                 "--model", str(model), *specs, "--port", str(port), *ENGINE_OPTIONS],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,18 +94,28 @@ def engines(adapters, tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
-            break
+            return process, url
         except OSError:
             assert process.poll() is None, process.stdout.read()[-4000:]
             assert time.time() < deadline, "vLLM did not start in 15 minutes"
             time.sleep(2)
-    session = Session(str(model), {n: str(p) for n, p in found.items()}, "cpu", torch.float32)
-    try:
-        with _running(create_app(session)) as ours:
-            yield url, ours
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=60)
+
+
+def _vllm_processes(model) -> list:
+    """vLLM's server for `model` and every process in its group (engine core, workers), alive now."""
+    import psutil
+
+    servers = [p for p in psutil.process_iter(["cmdline"])
+               if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or []) and str(model) in p.info["cmdline"]]
+    groups = {os.getpgid(p.pid) for p in servers if p.is_running()}
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) in groups and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return alive
 
 
 def _chat(url, model, content=QUESTION):
@@ -124,3 +146,21 @@ def test_vllm_refuses_an_unknown_model_and_serves_sixteen_clients_each_their_own
     with ThreadPoolExecutor(max_workers=16) as pool:
         answers = list(pool.map(lambda m: _chat(vllm, m), order))
     assert answers == [ANSWERS[m] for m in order]
+
+
+@pytest.mark.parametrize("signal_number", [15, 9], ids=["SIGTERM", "SIGKILL"])
+def test_when_lorakit_serve_ends_vllm_and_its_workers_end_too(adapters, tmp_path, signal_number):
+    model, _ = adapters
+    others = {p.pid for p in _vllm_processes(model)}  # the module's own vLLM may still run
+
+    def ours() -> list:
+        return [p for p in _vllm_processes(model) if p.pid not in others]
+
+    process, _ = _serve_with_vllm(model, {}, tmp_path / "cache")
+    assert len(ours()) >= 2  # the server and its engine core, at least
+    os.killpg(process.pid, signal_number)  # stopped (SIGTERM: exit 143), or killed outright
+    assert process.wait(timeout=60) == (143 if signal_number == 15 else -9)
+    deadline = time.time() + 60
+    while ours() and time.time() < deadline:
+        time.sleep(1)
+    assert ours() == []

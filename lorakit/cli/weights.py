@@ -43,20 +43,48 @@ def merge(adapters, weights, combination, **options):
     click.echo(f"adapter written to {path} ({combination} of {len(adapters)} adapters)")
 
 
-FORMATS = ["model", "adapter"]
+FORMATS = ["model", "adapter", "gguf", "gguf-adapter"]
 
 
 @click.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--format", "form", type=click.Choice(FORMATS), default="model", show_default=True,
-              help="model: a merged model folder; adapter: the chain as one plain peft adapter (for vLLM).")
+              help="model: a merged model folder; adapter: the chain as one plain peft adapter (vLLM); gguf: a "
+                   "merged model as GGUF (llama.cpp, Ollama); gguf-adapter: the chain as a llama.cpp LoRA GGUF.")
+@click.option("--quant", help="--format gguf: f32, f16 (default), bf16 or q8_0.")
+@click.option("--base-gguf", help="--format gguf-adapter: the base model's GGUF, for the Modelfile's FROM.")
 @model_output_options
-def export(sources, form, **options):
-    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder, or
-    (--format adapter) an adapter chain as one adapter."""
+def export(sources, form, quant, base_gguf, **options):
+    """Write SOURCES (an adapter, a CPT+SFT chain, or a model folder) as a deployable model folder, an
+    adapter chain as one adapter (--format adapter), or either as GGUF for llama.cpp and Ollama."""
+    if quant is not None and form != "gguf":
+        raise LorakitError(f"--quant {quant}: only --format gguf is quantized (this is --format {form})")
+    if base_gguf is not None and form != "gguf-adapter":
+        raise LorakitError(f"--base-gguf: only for --format gguf-adapter (this is --format {form})")
     if form == "adapter":
         return _export_adapter(sources, **options)
+    if form in ("gguf", "gguf-adapter"):
+        return _export_gguf(sources, form, quant, base_gguf, **options)
     _export(sources, **options)
+
+
+def _export_gguf(sources, form, quant, base_gguf, output, no_verify, **options):
+    from pathlib import Path
+
+    from ..weights.export import ExportSettings, export_gguf, export_gguf_adapter
+    from ..weights.loading import resolve_device
+
+    settings = ExportSettings(verify=True, device=resolve_device(), **options)
+    if no_verify:
+        raise LorakitError("--no-verify: a GGUF export is always checked (the merge, then the file read back)")
+    if form == "gguf":
+        quant = quant or "f16"
+        path = export_gguf(list(sources), Path(output), settings, quant)
+        return click.echo(f"model written to {path / 'model.gguf'} ({quant}), with {path / 'Modelfile'}")
+    if len(sources) != 1:
+        raise LorakitError("--format gguf-adapter takes one adapter (its parents come along from its parent/ copy)")
+    path = export_gguf_adapter(sources[0], Path(output), settings, base_gguf)
+    click.echo(f"adapter written to {path / 'adapter.gguf'}, with {path / 'Modelfile'}")
 
 
 def _export_adapter(sources, output, model, force, overwrite, **unused):

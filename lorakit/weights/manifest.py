@@ -9,6 +9,8 @@ read and written again.
          "model"        a complete model (train, method full)
          "merged"       adapters folded into their base (merge, export)
          "combination"  a weighted combination of adapters (merge --weights)
+         "gguf"         a merged model as a GGUF file, with an Ollama Modelfile (export --format gguf)
+         "gguf-adapter" an adapter (chain) as llama.cpp's LoRA GGUF, with a Modelfile
 """
 
 from __future__ import annotations
@@ -177,8 +179,8 @@ class Manifest:
 
     def describe(self) -> str:
         """"an adapter (written 2026-11-29 20:57, final loss 0.1234)", for messages about what is there."""
-        what = {"merged": "a merged model", "model": "a fully fine-tuned model",
-                "combination": "a combined adapter"}.get(self.kind, "an adapter")
+        what = {"merged": "a merged model", "model": "a fully fine-tuned model", "combination": "a combined adapter",
+                "gguf": "a GGUF model", "gguf-adapter": "a GGUF adapter"}.get(self.kind, "an adapter")
         facts = [f"written {self.created[:16].replace('T', ' ')}" if self.created else ""]
         loss = self.metrics.get("final_loss")
         facts.append(f"final loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
