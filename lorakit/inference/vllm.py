@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from ..log import say
+from ..system.signals import handling
 from .serve import (
     ApiError,
     ChatBody,
@@ -176,19 +177,13 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-@contextlib.contextmanager
 def _signals_exit():
     """SIGTERM and SIGHUP end lorakit through Python (SystemExit), so vLLM is stopped on the way out: by
     default they kill the process at once, and uvicorn re-raises the signal it caught after shutting down."""
     def leave(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return handling((signal.SIGTERM, signal.SIGHUP), leave)
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ import yaml
 
 from ..errors import LorakitError
 from ..log import say
+from ..system.signals import handling
 from ..weights.outputs import own_manifest, remove_folder
 
 RUN_FILE = "run.json"
@@ -166,12 +167,8 @@ def stop_on_signals(stop: StopRequest):
     def handler(signum, _frame):
         stop.signal = signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling((signal.SIGINT, signal.SIGTERM), handler):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def trim_metrics(path: Path, step: int) -> list[dict]:
