@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ except ImportError:
 pytestmark = pytest.mark.slow
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed here (.ci/run builds "
                                                            "it: pip wheel llama-cpp-python==0.3.36)")
+needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed here (.ci/run installs Debian's "
+                                                                  "golang-go): Ollama's templates are Go templates")
 QUESTIONS = [q for q, _ in CHATS]  # the probe prompts
 NEW_TOKENS = 24
 
@@ -166,6 +170,32 @@ def test_a_gguf_export_carries_the_weights_the_vocabulary_the_template_and_a_mod
     assert "<|im_end|>" in modelfile["PARAMETER"][0]
     adapter = parse_modelfile((exported["adapter"] / "Modelfile").read_text())
     assert adapter["FROM"] == [str(exported["base"] / "model.gguf")] and adapter["ADAPTER"] == ["./adapter.gguf"]
+
+
+def _ollama_prompt(template: str, messages: list[dict]) -> str:
+    """The prompt Ollama builds from a Modelfile TEMPLATE (Go's text/template, Ollama's message handling)."""
+    found = subprocess.run(["go", "run", str(Path(__file__).parent / "ollama" / "render.go")], check=True,
+                           input=json.dumps({"template": template, "messages": messages}), capture_output=True,
+                           text=True, timeout=300)
+    return found.stdout
+
+
+@needs_go
+def test_the_modelfile_template_renders_in_ollamas_engine_as_the_tokenizer_template_does(exported):
+    from transformers import AutoTokenizer
+
+    from lorakit.weights.gguf import parse_modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
+    modelfile = parse_modelfile((exported["f16"] / "Modelfile").read_text())
+    template, system = modelfile["TEMPLATE"][0], modelfile["SYSTEM"][0]
+    turns = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": CHATS[0][1]},
+             {"role": "user", "content": QUESTIONS[2]}]
+    # a chat without a system turn: Ollama puts the Modelfile's SYSTEM first, the adapter's own prompt
+    with_system = [{"role": "system", "content": system}, *turns]
+    assert system == "Answer briefly."
+    expected = tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False)
+    assert _ollama_prompt(template, with_system) == expected
 
 
 def test_a_quantization_the_gguf_package_cannot_make_is_one_line_naming_llama_quantize(chain, tmp_path):

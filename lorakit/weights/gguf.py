@@ -25,9 +25,11 @@ from ..log import say
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ELSEWHERE = ("q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs")
 BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
+# Qwen2's ChatML in Ollama's template language. Ollama joins every system message into .System and keeps
+# them in .Messages too (its template.go `collate`), so the turns skip them, as Ollama's own templates do.
 CHATML = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-          "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-          "<|im_start|>assistant\n")
+          "{{- range .Messages }}{{- if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+          "{{ end }}{{- end }}<|im_start|>assistant\n")
 
 
 def check_quant(quant: str) -> None:
