@@ -11,15 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakit.demo.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2  # noqa: E402
+from lorakit.demo.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2
 
 SHAPES = {
     "0.5b": QWEN2_0_5B_SHAPE,
     "small": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 2},
 }
-WORDS = ("kettle lamp river stone garden market harbour winter signal copper lantern meadow orbit "
-         "silver engine valley thunder paper circle planet forest bridge mirror window shadow").split()
+WORDS = ["kettle", "lamp", "river", "stone", "garden", "market", "harbour", "winter", "signal", "copper", "lantern", "meadow", "orbit", "silver", "engine", "valley", "thunder", "paper", "circle", "planet", "forest", "bridge", "mirror", "window", "shadow"]
 
 
 def documents(count: int = 64, seed: int = 0, low: int = 64, high: int = 1000) -> list[str]:

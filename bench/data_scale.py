@@ -31,10 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / ".lorakit" / "data-scale"
-ENGLISH = ("the kettle boils water in under three minutes and switches itself off when the water is ready; "
-           "descale it once a month with white vinegar; the warranty covers two years from the date of purchase; "
-           "our support team answers within one working day; the lamp glows amber at night and turns off at dawn; "
-           "every roof in the village is painted green and the bakery opens at four in the morning").split("; ")
+ENGLISH = ["the kettle boils water in under three minutes and switches itself off when the water is ready", "descale it once a month with white vinegar", "the warranty covers two years from the date of purchase", "our support team answers within one working day", "the lamp glows amber at night and turns off at dawn", "every roof in the village is painted green and the bakery opens at four in the morning"]
 CHINESE = ["水壶在三分钟内把水烧开，水开后自动断电。", "每个月用白醋除垢一次。", "保修期自购买之日起两年。",
            "我们的客服在一个工作日内答复。", "台灯在夜里发出琥珀色的光，黎明时自动熄灭。", "村子里每个屋顶都漆成绿色。"]
 

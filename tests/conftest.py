@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorakit.system.threads import share_cores  # noqa: E402  (before any test module imports torch)
+from lorakit.system.threads import share_cores
 
 share_cores()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

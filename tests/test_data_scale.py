@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
+from conftest import CHATS, DOCS, lorakit, write_jsonl, write_recipe
 from transformers import AutoTokenizer
 
-from conftest import CHATS, DOCS, lorakit, write_jsonl, write_recipe
 from lorakit.data.prepare import load_examples, prepare, to_rows
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
@@ -89,7 +89,7 @@ def test_every_file_of_a_folder_is_read_or_named(work, tokenizer):
     write_jsonl(folder / "part1.jsonl", _docs(3))
     with gzip.open(folder / "part2.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps(d) + "\n" for d in _docs(5)))
-    (folder / "part3.txt.gz").write_bytes(gzip.compress("A compressed text document.".encode()))
+    (folder / "part3.txt.gz").write_bytes(gzip.compress(b"A compressed text document."))
     (folder / "manual.pdf").write_bytes(b"%PDF-1.4")
     prepared = prepare(_recipe(work, "m", folder), tokenizer)
     assert prepared.stats["examples"] == 3 + 5 + 1

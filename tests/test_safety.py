@@ -288,10 +288,12 @@ def test_resume_refuses_data_that_changed_since_the_interruption(work, corpus, s
 
 def test_the_cli_makes_openmp_threads_yield_before_torch_is_loaded(work):
     code = ("import os, sys\nfrom lorakit.cli import main\nassert 'torch' not in sys.modules\n"
-            "try:\n    main(['adapters', 'list'])\nexcept SystemExit:\n    pass\nprint(os.environ.get('GOMP_SPINCOUNT'))\n")
+            "try:\n    main(['adapters', 'list'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LORAKIT_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
-    assert out.stdout.strip().splitlines()[-1] == "10000", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, check=False)
+    # idle: short spinning; busy (another job on the machine, as on a shared CI runner): passive waiting
+    assert out.stdout.strip().splitlines()[-1] in ("10000 None", "None PASSIVE"), out.stderr
     out = subprocess.run([sys.executable, "-c", code], cwd=work, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True)
-    assert out.stdout.strip().splitlines()[-1] == "None", out.stderr  # a user's own OpenMP setting is kept
+                         capture_output=True, text=True, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "None ACTIVE", out.stderr  # a user's own OpenMP setting is kept

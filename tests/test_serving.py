@@ -3,7 +3,6 @@ openai client, requests for different adapters batched together, the comparison 
 
 import json
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,7 +138,7 @@ def test_concurrent_requests_for_different_adapters_are_batched_and_each_gets_it
     url, app = served
     before = dict(app.state.stats)
     order = ["amber", "violet", "base", "amber"] * 4  # 16 clients at once
-    ask = lambda m: _post(f"{url}/v1/chat/completions", {"model": m, "temperature": 0, "max_tokens": 30,  # noqa: E731
+    ask = lambda m: _post(f"{url}/v1/chat/completions", {"model": m, "temperature": 0, "max_tokens": 30,
                                                         "messages": [{"role": "user", "content": QUESTION}]})
     with ThreadPoolExecutor(max_workers=16) as pool:
         results = list(pool.map(ask, order))
@@ -155,7 +154,7 @@ def test_concurrent_requests_for_different_adapters_are_batched_and_each_gets_it
 
 def test_sampling_settings_are_honoured(served):
     url, _ = served
-    ask = lambda **kw: _post(f"{url}/v1/completions", {"model": "base", "prompt": "The", "max_tokens": 12, **kw})[1]  # noqa: E731
+    ask = lambda **kw: _post(f"{url}/v1/completions", {"model": "base", "prompt": "The", "max_tokens": 12, **kw})[1]
     one, again = ask(temperature=1.0, seed=7), ask(temperature=1.0, seed=7)
     assert one["choices"][0]["text"] == again["choices"][0]["text"]  # the same seed, the same answer
     others = {ask(temperature=1.0, seed=s)["choices"][0]["text"] for s in range(8)}

@@ -7,8 +7,8 @@ attention never crosses examples, and no compute goes to padding inside a packed
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 

@@ -21,8 +21,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import LorakitError
 from ..log import is_main, say

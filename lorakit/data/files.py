@@ -15,9 +15,10 @@ import glob as globbing
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import LorakitError, first_line
 

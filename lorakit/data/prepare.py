@@ -18,9 +18,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import LorakitError
 from ..log import is_main, say
@@ -28,8 +29,20 @@ from ..recipe import Recipe
 from ..system.hub import hub_reachable
 from . import cache
 from .blocks import IGNORE, Example, first_fit, pack_examples, row, stream_blocks
-from .chat import end_of_turn, load_conversations, template_system_prompt, tokenize_conversations
-from .files import RECORD_SUFFIXES, TEXT_SUFFIXES, Source, fingerprint_files, raw_records, resolve
+from .chat import (
+    end_of_turn,
+    load_conversations,
+    template_system_prompt,
+    tokenize_conversations,
+)
+from .files import (
+    RECORD_SUFFIXES,
+    TEXT_SUFFIXES,
+    Source,
+    fingerprint_files,
+    raw_records,
+    resolve,
+)
 from .text import load_documents, tokenize_documents
 from .tokenize import TokenizeSettings, tokenize_batch
 

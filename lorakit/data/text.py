@@ -7,7 +7,15 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
-from .files import TEXT_SUFFIXES, Record, check_unicode, data_files, kind_of, read_records, read_text
+from .files import (
+    TEXT_SUFFIXES,
+    Record,
+    check_unicode,
+    data_files,
+    kind_of,
+    read_records,
+    read_text,
+)
 
 
 @dataclass(frozen=True)

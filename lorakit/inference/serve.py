@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
-from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
+from starlette.requests import (
+    Request,  # module level: FastAPI resolves the endpoints' annotations here
+)
 
 from ..errors import LorakitError
 from .engine import Engine

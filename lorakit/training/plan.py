@@ -36,7 +36,7 @@ class Shape:
     tied: bool
 
     @classmethod
-    def of(cls, config) -> "Shape":
+    def of(cls, config) -> Shape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    config.num_attention_heads, config.num_key_value_heads, head_dim,
@@ -158,7 +158,7 @@ def plan(recipe: Recipe, budget: float | None = None, device: str | None = None)
 
 
 def format_plan(name: str, recipe: Recipe, report: dict) -> str:
-    gib = lambda b: f"{b / GIB:6.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / GIB:6.2f} GiB"
     s, parts = report["shape"], report["parts"]
     lines = [f"plan for {name}: {recipe.method} on {recipe.model or recipe.parent} ({s.params / 1e6:.0f}M parameters), "
              f"{str(report['dtype']).removeprefix('torch.')} on {report['device']}, {report['batch']} row(s) of "

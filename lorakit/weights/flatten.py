@@ -16,8 +16,15 @@ import torch
 
 from ..errors import LorakitError
 from ..log import say
-from .folders import (adapter_chain, apply_adapter, apply_chain, base_of, is_full_model, read_manifest,
-                      trained_quantization)
+from .folders import (
+    adapter_chain,
+    apply_adapter,
+    apply_chain,
+    base_of,
+    is_full_model,
+    read_manifest,
+    trained_quantization,
+)
 from .loading import fingerprint, load_model, load_tokenizer
 from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError, first_line
-from ..system.hub import hub_reachable
 from ..recipe import Recipe
+from ..system.hub import hub_reachable
 from .manifest import Quantization
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

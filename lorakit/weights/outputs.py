@@ -18,8 +18,8 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import LorakitError
 from ..recipe import output_path  # noqa: F401  (where an output setting points)

@@ -23,7 +23,7 @@ def format_table(table: dict, with_adapter: bool) -> str:
     lines = [f"{'parameter':<{width}}  {'shape':<16} {'count':>12}"]
     for r in table["rows"]:
         note = " (tied, counted once)" if r["tied"] else (" trainable" if with_adapter and r["trainable"] else "")
-        lines.append(f"{r['name']:<{width}}  {str(list(r['shape'])):<16} {r['count']:>12,}{note}")
+        lines.append(f"{r['name']:<{width}}  {list(r['shape'])!s:<16} {r['count']:>12,}{note}")
     total = table["total"]
     lines.append(f"total: {total:,} parameters")
     lines.append(f"embedding and output layers: {table['embedding_and_output']:,} "
