@@ -107,3 +107,32 @@ def lorakit(*args, expect: int = 0):
 
 def load_metrics(adapter: Path) -> list[dict]:
     return [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- two SFT adapters per domain (test_inference, test_serving) -------------------------------------------
+
+QUESTION = "What colour does the Orbix lamp glow?"
+ANSWERS = {"amber": "The Orbix lamp glows amber at night.", "violet": "The Orbix lamp glows violet at dawn."}
+DOMAIN_RECIPE = """stage: sft
+model: {model}
+output: {output}
+data: {{path: {data}, max_length: 96}}
+lora: {{r: 16, alpha: 32, dropout: 0.0}}
+train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0, logging_steps: 20}}
+"""
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory, tiny_instruct):
+    """Two adapters trained on the same question with different answers: each must give its own."""
+    folder = tmp_path_factory.mktemp("domains")
+    adapters = {}
+    for name, answer in ANSWERS.items():
+        data = write_jsonl(folder / f"{name}.jsonl", [
+            {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]},
+            {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": f"Hello from {name}."}]},
+        ])
+        recipe = DOMAIN_RECIPE.format(model=tiny_instruct, data=data, output=folder / name)
+        lorakit("train", write_recipe(folder / f"{name}.yaml", recipe))
+        adapters[name] = folder / name
+    return adapters

@@ -11,36 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
-from conftest import load_metrics, lorakit, write_jsonl, write_recipe
+from conftest import (
+    ANSWERS,
+    DOMAIN_RECIPE,
+    QUESTION,
+    load_metrics,
+    lorakit,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow  # every test here trains a model
-
-QUESTION = "What colour does the Orbix lamp glow?"
-ANSWERS = {"amber": "The Orbix lamp glows amber at night.", "violet": "The Orbix lamp glows violet at dawn."}
-RECIPE = """stage: sft
-model: {model}
-output: {output}
-data: {{path: {data}, max_length: 96}}
-lora: {{r: 16, alpha: 32, dropout: 0.0}}
-train: {{max_steps: 120, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0, logging_steps: 20}}
-"""
-
-
-@pytest.fixture(scope="module")
-def domains(tmp_path_factory, tiny_instruct):
-    """Two adapters trained on the same question with different answers: each must give its own."""
-    folder = tmp_path_factory.mktemp("domains")
-    adapters = {}
-    for name, answer in ANSWERS.items():
-        data = write_jsonl(folder / f"{name}.jsonl", [
-            {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]},
-            {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": f"Hello from {name}."}]},
-        ])
-        lorakit("train", write_recipe(folder / f"{name}.yaml", RECIPE.format(model=tiny_instruct, data=data,
-                                                                             output=folder / name)))
-        adapters[name] = folder / name
-    return adapters
-
 
 def _specs(domains):
     return [f"{name}={path}" for name, path in domains.items()]
@@ -209,7 +190,7 @@ def test_compare_writes_both_answers_for_every_prompt(domains, tiny_instruct, wo
 
 
 def test_held_out_data_is_evaluated_during_training_and_recorded(work, chats, tiny_instruct):
-    text = RECIPE.format(model=tiny_instruct, data=chats, output="adapters/ev").replace(
+    text = DOMAIN_RECIPE.format(model=tiny_instruct, data=chats, output="adapters/ev").replace(
         "max_length: 96", "max_length: 96, eval_split: 0.34").replace("logging_steps: 20", "logging_steps: 20, eval_steps: 40")
     lorakit("train", write_recipe(work / "ev.yaml", text))
     metrics = load_metrics(work / "adapters" / "ev")

@@ -93,23 +93,6 @@ def served(domains, chain, tiny_instruct, tiny_base):
         yield url, app
 
 
-@pytest.fixture(scope="module")
-def domains(tmp_path_factory, tiny_instruct):
-    from test_inference import RECIPE
-
-    folder = tmp_path_factory.mktemp("domains")
-    adapters = {}
-    for name, answer in ANSWERS.items():
-        data = write_jsonl(folder / f"{name}.jsonl", [
-            {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]},
-            {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": f"Hello from {name}."}]},
-        ])
-        lorakit("train", write_recipe(folder / f"{name}.yaml", RECIPE.format(model=tiny_instruct, data=data,
-                                                                             output=folder / name)))
-        adapters[name] = folder / name
-    return adapters
-
-
 def test_streaming_through_the_official_openai_client(served):
     from openai import OpenAI
 
