@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from ..log import is_main, say
+from ..system import cache_home
 from ..system.processes import dead_writers
 
 FORMAT = 1
@@ -36,7 +37,7 @@ PARTIAL = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "data"
+    return cache_home() / "data"
 
 
 def cache_key(parts: dict) -> str:

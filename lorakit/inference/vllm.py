@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from ..log import say
+from ..system import cache_home
 from ..system.signals import handling
 from .serve import (
     ApiError,
@@ -86,7 +87,7 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
     """Flatten every adapter chain into one adapter under `cache` (reused when its sources are unchanged),
     and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
     from ..data.chat import end_of_turn, template_system_prompt
-    from ..weights.flatten import export_flat_adapter
+    from ..weights.flatten import export_flat_adapter, rank_of
     from ..weights.folders import (
         adapter_chain,
         base_of,
@@ -109,7 +110,7 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
         adapters[name] = folder
         manifest = read_manifest(folder)
         prompts[name] = manifest.system_prompt if manifest and manifest.system_prompt is not None else prompts["base"]
-        ranks.append(json.loads((folder / "adapter_config.json").read_text())["r"])
+        ranks.append(rank_of(folder))
     # chat stops at the end of the turn and at EOS (as generate.chat_prompt); text at EOS, the last of these
     stops = [tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]
     stops = list(dict.fromkeys(stops))
@@ -246,7 +247,7 @@ def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port:
     from .serve import serve
 
     launcher = find_vllm(vllm)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "flattened"
+    cache = cache_home() / "flattened"
     cache.mkdir(parents=True, exist_ok=True)
     deployment = deploy(entries, model, cache, force)
     engine_port = free_port()

@@ -154,13 +154,13 @@ def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merging-") as work:
         merged = export(sources, Path(work) / "merged", dataclasses.replace(settings, dtype="fp32", overwrite=True))
         recorded = read_manifest(merged)
+        chat = bool(recorded.chat)
         with staging(out) as folder:
-            facts = write_model(merged, folder / "model.gguf", quant, bool(recorded.chat))
+            facts = write_model(merged, folder / "model.gguf", quant, chat)
             worst = check_file(folder / "model.gguf", facts.pop("sources"), quant)
             announce(out / "model.gguf", facts)
-            stops = ["<|im_end|>", "<|endoftext|>"] if recorded.chat else ["<|endoftext|>"]
-            (folder / "Modelfile").write_text(modelfile("./model.gguf", None, _system(recorded, merged),
-                                                        bool(recorded.chat), stops), encoding="utf-8")
+            system = _system(recorded, merged) if chat else None
+            (folder / "Modelfile").write_text(modelfile("./model.gguf", None, system, chat), encoding="utf-8")
             Manifest(kind="gguf", method="merged", stage=recorded.stage, base_model=recorded.base_model,
                      base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt,
                      chat=recorded.chat, dtype=quant, sources=recorded.sources, verify=recorded.verify,
@@ -203,10 +203,9 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
             check_file(folder / "adapter.gguf", facts.pop("sources"), "f32")
             announce(out / "adapter.gguf", facts)
             chat = recorded.stage == "sft"
-            stops = ["<|im_end|>", "<|endoftext|>"] if chat else ["<|endoftext|>"]
             where = base_gguf or "./base.gguf"
-            (folder / "Modelfile").write_text(modelfile(where, "./adapter.gguf", _system(recorded, flat), chat, stops),
-                                              encoding="utf-8")
+            system = _system(recorded, flat) if chat else None
+            (folder / "Modelfile").write_text(modelfile(where, "./adapter.gguf", system, chat), encoding="utf-8")
             if base_gguf is None:
                 say(f"the Modelfile takes the base from {out / 'base.gguf'}: put the base model's GGUF there "
                     f"(lorakit export {base} --format gguf -o DIR), or pass --base-gguf")

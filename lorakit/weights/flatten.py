@@ -66,7 +66,7 @@ def export_flat_adapter(source: str, out: Path, *, model_name: str | None = None
     name = model_name or base_of(source)
     tokenizer = load_tokenizer(name)
     probe = text_probe(tokenizer)
-    reference = _chain_logits(name, chain, quantization, device, probe, force)
+    reference = _chain_logits(name, tokenizer, chain, quantization, device, probe, force)
     base = load_model(name, torch.float32, device, quantization=quantization)
     flat = flatten_into(base, chain)
     flat.set_adapter(FLAT)
@@ -82,22 +82,24 @@ def export_flat_adapter(source: str, out: Path, *, model_name: str | None = None
             drift = (_reloaded_logits(name, folder, None, device, probe) - reference).abs().max().item()
             say(f"on the unquantized base, the flattened adapter's logits differ from the QLoRA model as trained "
                 f"by up to {drift:.3g}")
+        rank = rank_of(folder)
         manifest = Manifest(kind="adapter", method="lora", stage=last.stage, base_model=last.base_model or name,
                             base_model_path=last.base_model_path, base_fingerprint=last.base_fingerprint,
                             system_prompt=last.system_prompt, quantization=quantization, verify=check,
                             drift_from_trained=drift, sources=[str(Path(f).resolve()) for f in chain],
-                            lora={"r": _rank(folder), "alpha": _rank(folder), "flattened": len(chain)})
+                            lora={"r": rank, "alpha": rank, "flattened": len(chain)})
         manifest.write(folder)
-        say(f"flattened {len(chain)} adapter(s) into one of rank {_rank(folder)}: logits match the chain on its "
+        say(f"flattened {len(chain)} adapter(s) into one of rank {rank}: logits match the chain on its "
             f"base (max difference {check['max_logit_diff']:.2g})")
         return publish(folder, out, overwrite=overwrite)
 
 
-def _chain_logits(name: str, chain: list[Path], quantization, device: str, probe, force: bool) -> torch.Tensor:
+def _chain_logits(name: str, tokenizer, chain: list[Path], quantization, device: str, probe,
+                  force: bool) -> torch.Tensor:
     """The chain as training saw it (its base checked): parents merged into the base (quantized as
     trained), the last adapter on top."""
     base = load_model(name, torch.float32, device, quantization=quantization)
-    model = apply_chain(base, [str(chain[-1])], fingerprint(base.config, load_tokenizer(name)), name, force=force)
+    model = apply_chain(base, [str(chain[-1])], fingerprint(base.config, tokenizer), name, force=force)
     return logits(model.eval(), probe)
 
 
@@ -118,7 +120,8 @@ def _unnest(folder: Path) -> None:
         nested.rmdir()
 
 
-def _rank(folder: Path) -> int:
+def rank_of(folder: Path) -> int:
+    """A plain peft LoRA adapter's rank, from its adapter_config.json."""
     import json
 
     return json.loads((folder / "adapter_config.json").read_text())["r"]

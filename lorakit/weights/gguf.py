@@ -203,9 +203,10 @@ def check_file(path: Path, sources: dict[str, tuple[Path, str]], quant: str) -> 
     return worst
 
 
-def modelfile(source: str, adapter: str | None, system: str | None, chat: bool, stops: list[str]) -> str:
+def modelfile(source: str, adapter: str | None, system: str | None, chat: bool) -> str:
     """An Ollama Modelfile: FROM (the model GGUF, or the base GGUF under an ADAPTER), the chat template in
-    Ollama's template language (ChatML), the recorded system prompt, the stop tokens."""
+    Ollama's template language (ChatML), the recorded system prompt, the stop tokens (a chat model's
+    end-of-turn, and EOS)."""
     lines = [f"FROM {source}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
@@ -213,6 +214,7 @@ def modelfile(source: str, adapter: str | None, system: str | None, chat: bool, 
         lines.append(f'TEMPLATE """{CHATML}"""')
         if system:
             lines.append(f'SYSTEM """{system}"""')
+    stops = ["<|im_end|>", "<|endoftext|>"] if chat else ["<|endoftext|>"]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"
 
