@@ -20,6 +20,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str
+    continues: bool = False
+    """CPT: a piece of a long document (tokenized in pieces) that the next example goes on with."""
 
 
 def row(pieces: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
@@ -40,19 +42,32 @@ def stream_blocks(examples: Iterable[Example], max_length: int, packing: bool, c
     With packing, documents run on into the next one so every block but the last is full (documents
     longer than max_length are split across blocks, counted in counts["split"] when given).
     """
-    pieces, room = [], max_length
+    pieces, room, joined, length = [], max_length, False, 0
     for example in examples:
-        if counts is not None and len(example.input_ids) > max_length:
-            counts["split"] = counts.get("split", 0) + 1
+        length += len(example.input_ids)
         start = 0
         while start < len(example.input_ids):
             take = min(room, len(example.input_ids) - start)
-            pieces.append((example.input_ids[start:start + take], example.labels[start:start + take]))
+            chunk = (example.input_ids[start:start + take], example.labels[start:start + take])
+            # the next piece of the same document goes on in the same segment, as if tokenized whole
+            if joined:
+                pieces[-1] = (pieces[-1][0] + chunk[0], pieces[-1][1] + chunk[1])
+            else:
+                pieces.append(chunk)
+            joined = True
             start += take
             room -= take
-            if room == 0 or not packing:
+            if room == 0:
                 yield row(pieces)
-                pieces, room = [], max_length
+                pieces, room, joined = [], max_length, False
+        if example.continues:
+            continue
+        if counts is not None and length > max_length:
+            counts["split"] = counts.get("split", 0) + 1
+        joined, length = False, 0
+        if pieces and not packing:
+            yield row(pieces)
+            pieces, room = [], max_length
     if pieces:
         yield row(pieces)
 

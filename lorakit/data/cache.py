@@ -4,7 +4,11 @@
       <key>/                             one entry: train.arrow, eval.arrow (if any), meta.json
       .<key>.partial-<pid>/              an entry being prepared; renamed into place when complete, so a
                                          killed preparation leaves nothing a later run would trust
-      <key>.lock                         held while one process prepares; the others wait, then read
+      <key>.lock                         held while one process prepares (its PID inside); the others say who
+                                         they wait for, wait, then read
+
+meta.json is written last and records the size and checksum of every Arrow file: an entry that does not
+match (a flipped bit, a truncated file, a missing meta.json) is named in one line and prepared again.
 
 The key is a hash of everything that changes the rows: the data files' bytes, the tokenizer (its
 whole definition) and chat template, the stage, max_length, packing, the system prompt, the eval
@@ -24,16 +28,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import LorakitError
+from ..errors import LorakitError, first_line
 from ..log import is_main, say
 from ..system import cache_home
 from ..system.processes import dead_writers
 
-FORMAT = 1
-"""The layout of prepared rows; raised whenever it changes, so older entries are never read."""
+FORMAT = 2
+"""The layout of prepared rows; raised whenever it changes, so older entries are never read.
+2: meta.json carries each Arrow file's checksum (and the data fingerprint counts lengths)."""
 META = "meta.json"
 WAIT_S = 0.5
-PARTIAL = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")
+PARTIAL = re.compile(r"^\..+\.(partial|damaged)-(?P<pid>\d+)$")
 
 
 def default_dir() -> Path:
@@ -59,24 +64,90 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
+def checksum(path: Path) -> str:
+    """xxh3 of a file's bytes: about 0.5 s a gigabyte from disk, a fraction of that from the page cache
+    (bench/cache_check.py), against the minutes it took to tokenize."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def seal(folder: Path, meta: dict) -> None:
+    """Write meta.json last, with the checksum and size of every Arrow file beside it."""
+    meta["files"] = {p.name: {"bytes": p.stat().st_size, "xxh3": checksum(p)} for p in sorted(folder.glob("*.arrow"))}
+    write_meta(folder, meta)
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete-looking entry (None: it is whole). Every Arrow file must match the size
+    and checksum recorded when it was written: a flipped bit would otherwise be trained on in silence."""
+    try:
+        meta = read_meta(folder)
+    except (OSError, ValueError) as exc:
+        return f"{META} unreadable ({first_line(exc)})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or "train.arrow" not in files:
+        return f"{META} records no checksums"
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded.get("bytes"):
+            return f"{name} is {path.stat().st_size:,} bytes, {recorded.get('bytes'):,} were written"
+        if checksum(path) != recorded.get("xxh3"):
+            return f"{name} does not match its checksum"
+    return None
+
+
 def entry(root: Path, key: str) -> Path | None:
-    """The complete entry for `key`, or None."""
+    """The complete entry for `key` (meta.json present: written last), or None. Not yet verified: see damage()."""
     folder = root / key
     return folder if (folder / META).is_file() else None
+
+
+def discard(folder: Path, why: str) -> None:
+    """Set a damaged or incomplete entry aside (one rename) and remove it, saying why."""
+    say(f"data: the cache entry {folder} is damaged ({why}); preparing it again")
+    trash = folder.parent / f".{folder.name}.damaged-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def open_root(root: Path) -> Path:
+    """The cache folder, created if need be; a file or an unwritable folder there is one line."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise LorakitError(f"data.cache_dir {root}: cannot keep prepared data there ({exc.strerror or exc}); "
+                           f"set data.cache_dir to a writable folder") from None
+    return root
 
 
 @contextlib.contextmanager
 def preparing(root: Path, key: str) -> Iterator[Path | None]:
     """Hold the key's lock; yield a fresh partial folder to prepare into, or None when another process
-    finished the entry meanwhile. The caller writes META last; the folder is then renamed into place."""
-    root.mkdir(parents=True, exist_ok=True)
+    finished the entry meanwhile. The caller writes META last (seal); the folder is then renamed into place.
+
+    The lock is a POSIX record lock (fcntl.lockf), not flock: flock's lock belongs to the open file,
+    which the tokenizing workers forked by datasets share, so workers orphaned by a killed preparation
+    held it for ever. A record lock belongs to this process alone and ends with it."""
     _sweep(root)
     with open(root / f"{key}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing the same data: wait for it
+        _lock(lock, root / key)
         try:
             if entry(root, key) is not None:
                 yield None
                 return
+            if (root / key).exists():  # a folder without meta.json: not ours to trust
+                discard(root / key, f"no {META}")
             partial = root / f".{key}.partial-{os.getpid()}"
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
@@ -87,14 +158,38 @@ def preparing(root: Path, key: str) -> Iterator[Path | None]:
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def _lock(lock, target: Path) -> None:
+    """Take the lock; while another process holds it, say who and for what, then wait."""
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        say(f"data: waiting for process {holder or '(unknown)'}{_command(holder)} to finish preparing {target} "
+            f"(lock: {lock.name})")
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+
+
+def _command(pid: str) -> str:
+    try:
+        words = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return ""
+    return f" ({' '.join(w.decode(errors='replace') for w in words if w)[:120]})"
 
 
 def wait_for(root: Path, key: str, timeout_s: float = 24 * 3600) -> Path:
     """Ranks other than 0 of a distributed run: wait for rank 0's entry instead of preparing it again
     (torchrun ends every rank if rank 0 fails)."""
     said, start = False, time.monotonic()
-    while (found := entry(root, key)) is None:
+    while (found := entry(root, key)) is None or damage(found) is not None:
         if not said:
             print(f"rank {os.environ.get('RANK')}: waiting for rank 0 to prepare the data", flush=True)
             said = True

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from ..errors import LorakitError
 from .blocks import IGNORE, Example
 from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records
+from .specials import encode_rendered
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
@@ -185,9 +186,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
             raise LorakitError(f"{where}: the chat template does not render assistant turns as "
                                f"'header, content, {eot}'; lorakit cannot mask its loss")
         spans.append((start, end + len(eot)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"][:max_length]
-    offsets = encoded["offset_mapping"][:max_length]
+    ids, offsets = encode_rendered(tokenizer, text, [m["content"] for m in messages])
+    ids, offsets = ids[:max_length], offsets[:max_length]
     labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
     return Example(ids, labels, where)
 

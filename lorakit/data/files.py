@@ -11,10 +11,10 @@ arrow parsing error without the file and line, and a user with 50,000 records ne
 
 from __future__ import annotations
 
-import glob as globbing
 import gzip
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +68,7 @@ def resolve(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, split: 
     if label.startswith(HUB_PREFIX):
         return Source(label, dataset=label, split=split)
     if any(c in label for c in "*?["):
-        matches = sorted(Path(p) for p in globbing.glob(str(Path(label).expanduser()), recursive=True)
-                         if Path(p).is_file())
+        matches = _glob(Path(label).expanduser())
         files = [p for p in matches if kind_of(p) in suffixes]
         if not files:
             raise LorakitError(f"{label}: the pattern matches no {' / '.join(suffixes)} file")
@@ -77,6 +76,9 @@ def resolve(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, split: 
     path = Path(path).expanduser()
     if not path.exists():
         raise LorakitError(f"{path}: data path not found (looked at {path.resolve()})")
+    if not path.is_file() and not path.is_dir():
+        raise LorakitError(f"{path}: neither a regular file nor a folder (a pipe, socket or device); data.path "
+                           f"names a data file or a folder of them")
     if path.is_file():
         if kind_of(path) not in suffixes:
             raise LorakitError(f"{path}: expected a {' / '.join(suffixes)} file (also .gz or .zst)")
@@ -88,6 +90,16 @@ def resolve(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, split: 
     if not files:
         raise LorakitError(f"{path}: folder holds no {' / '.join(suffixes)} files")
     return _source(label, files, [p for p in found if kind_of(p) not in suffixes], suffixes)
+
+
+def _glob(pattern: Path) -> list[Path]:
+    """Files a pattern matches. pathlib's `**` does not descend into symbolic links to folders, so a link
+    loop cannot make it walk for ever (glob.glob(recursive=True) does follow them)."""
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    base = Path(*parts[:first]) if first else Path(".")
+    rest = str(Path(*parts[first:]))
+    return sorted(p for p in base.glob(rest) if not _hidden(p.relative_to(base)) and p.is_file())
 
 
 def _hidden(relative: Path) -> bool:
@@ -121,8 +133,48 @@ def open_binary(path: Path):
             import zstandard
         except ImportError:
             raise LorakitError(f"{path}: reading .zst files needs the zstandard package: pip install zstandard") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_Zstd(path, zstandard), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's bytes, frame after frame. Hand-written because zstandard's stream_reader returns a
+    truncated file's data as a clean (often empty) end: a cut-off download read as "no documents". Here a
+    stream that ends inside a frame, or bytes that are not zstd, raise an error naming the file."""
+
+    def __init__(self, path: Path, zstandard):
+        self._file, self._zstd, self._path = open(path, "rb"), zstandard, path
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if not self._frame.eof:
+                    raise EOFError("the .zst data ends before its frame does (truncated or empty file)")
+                return 0
+            self._decompress(chunk)
+        count = min(len(buffer), len(self._out))
+        buffer[:count], self._out = self._out[:count], self._out[count:]
+        return count
+
+    def _decompress(self, chunk: bytes) -> None:
+        try:
+            while chunk:
+                if self._frame.eof:  # the next frame of a multi-frame file
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                self._out += self._frame.decompress(chunk)
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        except self._zstd.ZstdError as exc:
+            raise OSError(f"not valid zstd data ({exc})") from None
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def read_text(path: Path) -> str:
@@ -246,13 +298,18 @@ def _parquet(path: Path) -> Iterator[Record]:
 
 def fingerprint_files(files: list[Path] | tuple[Path, ...]) -> str:
     """A hash of the training data (names and bytes), recorded in every adapter's manifest and part of
-    the data cache's key. xxh3 rather than sha256: a gigabyte hashes in a fraction of a second."""
+    the data cache's key. xxh3 rather than sha256: a gigabyte hashes in a fraction of a second.
+
+    Each name and each file's bytes are preceded by their lengths, so that no two different sets of files
+    hash the same stream (a.txt "ab" + b.txt "c" against one a.txt "abb.txtc" would otherwise collide)."""
     import xxhash
 
     digest = xxhash.xxh3_128()
     for file in files:
-        digest.update(file.name.encode())
+        name = file.name.encode()
+        digest.update(len(name).to_bytes(8, "little") + name)
         with open(file, "rb") as handle:
+            digest.update(os.fstat(handle.fileno()).st_size.to_bytes(8, "little"))
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()[:16]

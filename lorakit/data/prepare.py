@@ -13,6 +13,8 @@ without tokenizing again; under torchrun, rank 0 prepares and the other ranks wa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -27,6 +29,7 @@ from ..errors import LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
 from ..system.hub import hub_reachable
+from ..system.processes import children_die_with_me
 from . import cache
 from .blocks import IGNORE, Example, first_fit, pack_examples, row, stream_blocks
 from .chat import (
@@ -44,7 +47,8 @@ from .files import (
     resolve,
 )
 from .text import load_documents, tokenize_documents
-from .tokenize import TokenizeSettings, tokenize_batch
+from .specials import literal_note
+from .tokenize import TokenizeSettings, pieces, tokenize_batch
 
 WRITE_ROWS = 256  # rows buffered before they are written (a 1024-token row is 12 KB)
 
@@ -106,20 +110,53 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
 
 
 def _entry(root: Path, key: str, build) -> Path:
-    """The cache entry for `key`: found, waited for (ranks other than 0), or built now."""
+    """The cache entry for `key`: found (and whole), waited for (ranks other than 0), or built now."""
     found = cache.entry(root, key)
+    if found is not None and not is_main():
+        return cache.wait_for(root, key)
     if found is not None:
-        cache.announce_hit(found, cache.read_meta(found))
-        return found
+        why = cache.damage(found)
+        if why is None:
+            cache.announce_hit(found, cache.read_meta(found))
+            return found
+        cache.discard(found, why)
     if not is_main():
         return cache.wait_for(root, key)
-    with cache.preparing(root, key) as partial:
+    with cache.preparing(cache.open_root(root), key) as partial:
         if partial is None:  # another process prepared it while this one waited for the lock
             found = cache.entry(root, key)
             cache.announce_hit(found, cache.read_meta(found))
             return found
-        build(partial)
+        with _one_line(root):
+            build(partial)
     return root / key
+
+
+@contextlib.contextmanager
+def _one_line(root: Path):
+    """What goes wrong while preparing, as one line: a bad record raised inside datasets' generator or
+    workers (which wrap it in their own error types), a full or read-only disk."""
+    try:
+        yield
+    except LorakitError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (datasets wraps whatever its generator or workers raised)
+        cause = exc
+        while cause is not None and not isinstance(cause, LorakitError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise LorakitError(str(cause)) from None
+        os_error = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno), None)
+        if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise LorakitError(f"preparing the data in {root}: {os_error.strerror}; nothing was kept (free space "
+                               f"there, or set data.cache_dir)") from None
+        raise
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _load(folder: Path, data_hash: str, system_prompt: str | None) -> Prepared:
@@ -161,7 +198,7 @@ def _build(partial: Path, recipe: Recipe, source: Source, eval_source: Source | 
     if held_out is not None:
         stats["eval_rows"] = _write_rows(partial / "eval.arrow", held_out, settings.stage, data.max_length,
                                          data.packing)["rows"]
-    cache.write_meta(partial, {"stats": stats, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    cache.seal(partial, {"stats": stats, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "seconds": round(time.perf_counter() - start, 1), "source": source.label,
                                "num_proc": num_proc})
     for work in partial.glob("work*"):
@@ -181,29 +218,41 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
                                        remove_columns=_dataset(source).column_names,
                                        cache_file_name=str(work / "records.arrow"))
     else:
-        if next(_raw(list(source.files)), None) is None:  # datasets cannot build a dataset of nothing
+        if next(_raw(list(source.files), settings), None) is None:  # datasets cannot build a dataset of nothing
             raise LorakitError(f"{source.label}: no {'documents' if settings.stage == 'cpt' else 'conversations'} found")
-        features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string")})
-        records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files)}, features=features,
-                                         cache_dir=str(work / "generator"))
+        features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string"),
+                             "continues": Value("bool")})
+        records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files), "settings": settings},
+                                         features=features, cache_dir=str(work / "generator"))
     parallel = num_proc if num_proc > 1 and len(records) > 256 else None  # 1: in this process, no pool
+    if parallel:
+        children_die_with_me()
     return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=parallel,
                        fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
                        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
                        desc="tokenizing")
 
 
-def _raw(files: list[Path]) -> Iterator[dict]:
+def _raw(files: list[Path], settings: TokenizeSettings) -> Iterator[dict]:
+    """Each record as JSON text, where it came from, and (CPT) whether it is a piece of a long document
+    that the next record goes on with: a long document is handed on in pieces, never whole."""
     for file in files:
         for where, raw in raw_records(file):
-            yield {"where": where, "file": str(file), "raw": raw}
+            split = pieces(where, raw, settings.field) if settings.stage == "cpt" else None
+            if split is None:
+                yield {"where": where, "file": str(file), "raw": raw, "continues": False}
+                continue
+            key = settings.field or "text"
+            for index, piece in enumerate(split):
+                yield {"where": where, "file": str(file), "raw": json.dumps({key: piece}, ensure_ascii=False),
+                       "continues": index < len(split) - 1}
 
 
 def _as_raw(batch: dict, indices: list[int], label: str) -> dict:
     names = list(batch)
     rows = [dict(zip(names, values)) for values in zip(*batch.values())] if names else [{} for _ in indices]
     return {"where": [f"{label} row {i + 1}" for i in indices], "file": [label] * len(indices),
-            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows]}
+            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows], "continues": [False] * len(rows)}
 
 
 def _dataset(source: Source):
@@ -240,17 +289,21 @@ def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], 
     """The first bad record (in file order) as an error; notes on unread fields and truncation; the
     examples that are kept (empty documents dropped). Read a batch at a time, never a whole column."""
     unread: dict[tuple[str, str], list] = {}
-    eot = 0
-    for batch in examples.select_columns(["error", "file", "where", "unread", "eot"]).iter(batch_size=10_000):
+    eot, literal, first_literal = 0, 0, None
+    for batch in examples.select_columns(["error", "file", "where", "unread", "eot", "literal"]).iter(batch_size=10_000):
         found = next((e for e in batch["error"] if e), None)
         if found:
             raise LorakitError(found)
         eot += sum(batch["eot"])
+        literal += sum(batch["literal"])
+        first_literal = first_literal or next((w for w, f in zip(batch["where"], batch["literal"]) if f), None)
         for file, where, fields in zip(batch["file"], batch["where"], batch["unread"]):
             for name in fields:
                 unread.setdefault((file, name), [0, where])[0] += 1
     notes += [f"note: {file}: field `{name}` is not read by lorakit ({count} record(s), first at "
               f"{first.removeprefix(file).strip()})" for (file, name), (count, first) in unread.items()]
+    if literal:
+        notes.append(literal_note(tokenizer, literal, first_literal))
     kept = examples.filter(lambda length: length > 0, input_columns="length") if settings.stage == "cpt" else examples
     if len(kept) == 0:
         raise LorakitError(f"{label}: no {'non-empty documents' if settings.stage == 'cpt' else 'conversations'} found")
@@ -278,8 +331,9 @@ def _iter_examples(examples, order: list[int] | None = None) -> Iterator[Example
     """Examples read back from Arrow a batch at a time (CPT labels are the ids themselves)."""
     source = examples.select(order) if order is not None else examples
     for batch in source.iter(batch_size=WRITE_ROWS):
-        for ids, labels, where in zip(batch["input_ids"], batch["labels"], batch["where"]):
-            yield Example(ids, labels or ids, where)
+        more = batch.get("continues") or [False] * len(batch["where"])
+        for ids, labels, where, continues in zip(batch["input_ids"], batch["labels"], batch["where"], more):
+            yield Example(ids, labels or ids, where, continues)
 
 
 def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool) -> dict:
@@ -330,28 +384,29 @@ def _streaming(recipe: Recipe, source: Source, eval_source: Source | None, token
 
 
 def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
-    batch = {"where": [], "raw": []}
-    records = ((w, r) for file in source.files for w, r in raw_records(file)) if source.files else \
-        ((w, r) for out in _dataset(source).map(_as_raw, batched=True, with_indices=True,
-                                                fn_kwargs={"label": source.label}).iter(batch_size=WRITE_ROWS)
-         for w, r in zip(out["where"], out["raw"]))
-    for where, raw in records:
-        batch["where"].append(where)
-        batch["raw"].append(raw)
+    batch = {"where": [], "raw": [], "continues": []}
+    records = _raw(list(source.files), settings) if source.files else \
+        (dict(zip(out, values)) for out in _dataset(source).map(
+            _as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label}).iter(batch_size=WRITE_ROWS)
+         for values in zip(*out.values()))
+    for record in records:
+        for name in batch:
+            batch[name].append(record[name])
         if len(batch["where"]) == WRITE_ROWS:
             yield from _examples_of(batch, tokenizer, settings)
-            batch = {"where": [], "raw": []}
+            batch = {"where": [], "raw": [], "continues": []}
     if batch["where"]:
         yield from _examples_of(batch, tokenizer, settings)
 
 
 def _examples_of(batch: dict, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
     out = tokenize_batch(batch, tokenizer, settings)
-    for where, ids, labels, error in zip(batch["where"], out["input_ids"], out["labels"], out["error"]):
+    for where, ids, labels, error, more in zip(batch["where"], out["input_ids"], out["labels"], out["error"],
+                                               out["continues"]):
         if error:
             raise LorakitError(error)
         if ids:
-            yield Example(ids, labels or ids, where)
+            yield Example(ids, labels or ids, where, more)
 
 
 def _stream_rows(source: Source, tokenizer, settings: TokenizeSettings, packing: bool) -> Iterator[dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
+from .specials import encode_text
 from .files import (
     TEXT_SUFFIXES,
     Record,
@@ -53,7 +54,7 @@ def document_text(record: Record) -> str:
 def tokenize_documents(documents: list[Document], tokenizer) -> list[Example]:
     """Each document's tokens followed by EOS; every token is trained."""
     eos = tokenizer.eos_token_id
-    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    encoded = encode_text(tokenizer, [d.text for d in documents])
     return [Example(ids + [eos], ids + [eos], d.where) for ids, d in zip(encoded, documents)]
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.chat import end_of_turn, render_text, with_system
+from ..data.specials import encode_rendered
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,10 @@ def text_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
 
 def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation awaiting the assistant's turn, and the tokens that end the turn."""
-    text = render_text(tokenizer, with_system(messages, system_prompt), generation_prompt=True)
+    messages = with_system(messages, system_prompt)
+    text = render_text(tokenizer, messages, generation_prompt=True)
     stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id})
-    return tokenizer(text, add_special_tokens=False)["input_ids"], stops
+    return encode_rendered(tokenizer, text, [m["content"] for m in messages])[0], stops  # text stays text
 
 
 class _Cancelled:

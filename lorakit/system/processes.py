@@ -28,3 +28,51 @@ def dead_writers(folder: Path, pattern: re.Pattern) -> list[Path]:
         if match and path.is_dir() and int(match["pid"]) != os.getpid() and not alive(int(match["pid"])):
             found.append(path)
     return sorted(found)
+
+
+_BOUND_TO: int | None = None
+_REGISTERED: set[int] = set()
+
+
+class _Hook:
+    """What multiprocessing's after-fork registry keeps alive (it holds its objects weakly)."""
+
+
+_HOOK = _Hook()
+
+
+def children_die_with_me() -> None:
+    """Every process that (multiprocess or multiprocessing) forks from now on is killed when this one dies:
+    datasets.map's pool workers and the manager process it starts for progress, which a killed preparation
+    otherwise left running as orphans for ever."""
+    import importlib
+
+    parent = os.getpid()
+    if parent in _REGISTERED:
+        return
+    _REGISTERED.add(parent)
+    for name in ("multiprocess.util", "multiprocessing.util"):
+        try:
+            util = importlib.import_module(name)
+        except ImportError:
+            continue
+        util.register_after_fork(_HOOK, lambda _: die_with(parent))
+
+
+def die_with(parent: int) -> None:
+    """In a process forked by `parent`: be killed when `parent` dies (Linux: PR_SET_PDEATHSIG; elsewhere
+    nothing)."""
+    global _BOUND_TO
+    if os.getpid() == parent or _BOUND_TO == parent:
+        return
+    _BOUND_TO = parent
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above: nobody will signal
+        os._exit(1)
