@@ -255,11 +255,17 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     if not isinstance(raw, dict):
         raise LorakitError(f"{path}: a recipe is a mapping of keys to values")
     raw.setdefault("name", path.stem)
+    given = {}
     for item in overrides:
-        _apply_override(raw, item)
+        given[_apply_override(raw, item)] = item
     try:
         return build(Recipe, raw, "")
     except LorakitError as exc:
+        key = getattr(exc, "key", None)
+        blamed = next((item for name, item in given.items()
+                       if (key == name or str(key).startswith(name + ".")) or (key is None and name in str(exc))), None)
+        if blamed is not None:
+            raise LorakitError(f"command line {blamed}: {exc}") from None
         raise LorakitError(f"{path}: {exc}") from None
 
 
@@ -274,7 +280,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
+    """Set `key.sub=value` in the raw recipe; returns the key."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise LorakitError(f"override {item!r} is not of the form key.sub=value")
@@ -284,7 +291,52 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise LorakitError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value) if value else ""
+    try:
+        node[leaf] = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        raise LorakitError(f"command line {item}: the value is not valid YAML ({first_line(exc)})") from None
+    return key
+
+
+# What users of transformers' Trainer, LLaMA-Factory and axolotl type, and lorakit's key for it.
+ALIASES = {
+    "learning_rate": "train.lr", "lr": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size", "train_batch_size": "train.batch_size",
+    "batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler", "lr_scheduler": "train.scheduler", "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm", "seed": "train.seed",
+    "max_steps": "train.max_steps", "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
+    "eval_steps": "train.eval_steps", "gradient_checkpointing": "train.gradient_checkpointing",
+    "bf16": "train.dtype", "fp16": "train.dtype", "torch_dtype": "train.dtype", "report_to": "train.report_to",
+    "save_total_limit": "train.keep_checkpoints", "lora_r": "lora.r", "lora_rank": "lora.r", "r": "lora.r",
+    "rank": "lora.r", "lora_alpha": "lora.alpha", "alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target", "lora_target": "lora.target", "lora_target_modules": "lora.target",
+    "lora_target_linear": "lora.target", "max_seq_length": "data.max_length", "max_length": "data.max_length",
+    "sequence_len": "data.max_length", "cutoff_len": "data.max_length", "model_max_length": "data.max_length",
+    "dataset": "data.path", "datasets": "data.path", "dataset_dir": "data.path", "train_file": "data.path",
+    "data_path": "data.path", "packing": "data.packing", "sample_packing": "data.packing",
+    "val_set_size": "data.eval_split", "eval_path": "data.eval_path", "system_prompt": "data.system_prompt",
+    "model_name_or_path": "model", "base_model": "model", "output_dir": "output", "adapter": "method",
+    "finetuning_type": "method", "load_in_4bit": "method: qlora (with quant.bits: 4)",
+    "load_in_8bit": "method: qlora (with quant.bits: 8)", "adapter_name_or_path": "parent", "lora_model_dir": "parent",
+    "bnb_4bit_quant_type": "quant.type", "bnb_4bit_use_double_quant": "quant.double_quant",
+}
+
+
+class RecipeKeyError(LorakitError):
+    """A mistake in one key of the recipe: `key` is its full name, so a command-line override can be blamed."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _suggestion(key: str, prefix: str, names: list[str]) -> str:
+    alias = ALIASES.get(str(key).lower())
+    if alias is not None and alias != f"{prefix}{key}":
+        return f"; lorakit calls it {alias}"
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
 
 
 def build(cls, raw: Any, prefix: str):
@@ -296,9 +348,7 @@ def build(cls, raw: Any, prefix: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise LorakitError(f"unknown key {prefix}{key}{hint}")
+            raise RecipeKeyError(f"unknown key {prefix}{key}{_suggestion(key, prefix, names)}", f"{prefix}{key}")
         section = SECTIONS.get(key) if cls is Recipe else None
         if section is not None:
             kwargs[key] = build(section, value, f"{key}.")
@@ -321,9 +371,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             pass
     if _fits(value, tp):
         if tp is float and not math.isfinite(value):  # YAML's .nan and .inf are floats too
-            raise LorakitError(f"{key} must be a finite number, got {value!r}")
+            raise RecipeKeyError(f"{key} must be a finite number, got {value!r}", key)
         return float(value) if tp is float else value
-    raise LorakitError(f"{key} must be {_describe(tp)}, got {value!r}")
+    raise RecipeKeyError(f"{key} must be {_describe(tp)}, got {value!r}", key)
 
 
 def _fits(value: Any, tp: Any) -> bool:

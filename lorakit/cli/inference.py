@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from ..errors import LorakitError
@@ -52,14 +54,18 @@ def _chat_loop(session, system, sampling) -> None:
     import time
 
     history: list[dict] = []
-    click.echo(f"chat with {session.current or 'the base model'}: an empty line or Ctrl-D ends, /reset forgets, "
-               f"/adapters lists, /adapter NAME switches and starts a new conversation (none: the bare base)")
+    adapters = [n for n in session.names if n != "base"]
+    who = f"adapter {session.current}" if session.current else "the base model"
+    if len(adapters) > 1:
+        who += f" (the first of {len(adapters)}: {', '.join(adapters)})"
+    click.echo(f"chat with {who}: an empty line, /quit or Ctrl-D ends, /reset forgets, /adapters lists, "
+               f"/adapter NAME switches and starts a new conversation (none: the bare base)")
     while True:
         try:
             line = click.prompt("you", default="", show_default=False, prompt_suffix="> ").strip()
         except click.exceptions.Abort:  # Ctrl-D / Ctrl-C ends the session quietly
             return
-        if not line:
+        if not line or line in ("/quit", "/exit", "/bye"):
             return
         if line == "/reset":
             history = []
@@ -77,6 +83,8 @@ def _chat_loop(session, system, sampling) -> None:
             click.echo(f"using {session.current or 'the base model'} ({took:.1f} ms)"
                        + ("; the conversation starts anew" if history else ""))
             history = []
+        elif re.fullmatch(r"/[a-z]+", line):  # a mistyped command, not a message for the model
+            click.echo(f"unknown command {line}; commands: /reset, /adapters, /adapter NAME, /quit")
         else:
             history.append({"role": "user", "content": line})
             history.append({"role": "assistant", "content": _reply(session, history, system, sampling)})

@@ -64,8 +64,12 @@ def open_session(model, adapters, force):
 
 def _shard_size(text: str) -> str:
     """A size transformers' save_pretrained reads (2GB, 500MB, 1.5GiB), checked before any work."""
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE):
+    match = re.fullmatch(r"\s*(\d+(\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
         raise click.BadParameter(f"{text!r}: expected a size like 2GB or 500MB", param_hint="--shard-size")
+    if float(match[1]) <= 0:
+        raise click.BadParameter(f"{text!r}: a shard must hold something; expected a size like 2GB or 500MB",
+                                 param_hint="--shard-size")
     return text.strip()
 
 

@@ -20,10 +20,10 @@ def train(recipe, overrides, full, resume, overwrite, nproc):
     from pathlib import Path
 
     from ..log import is_main
-    from ..training.run import RunOptions, run
 
-    r = load(recipe, overrides + ("method=full",) if full else overrides)
+    r = load(recipe, overrides + ("method=full",) if full else overrides)  # checked before torch is imported
     from ..system.threads import busy_note
+    from ..training.run import RunOptions, run
 
     if busy_note() and is_main():
         click.echo(busy_note(), err=True)

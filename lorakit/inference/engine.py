@@ -91,7 +91,7 @@ class Engine:
             for _ in range(max(r.sampling.max_new_tokens for r in batch)):
                 out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-                chosen = [row.choose(out.logits[i, -1].float()) for i, row in enumerate(rows)]
+                chosen = [row.choose_or_fail(out.logits[i, -1].float()) for i, row in enumerate(rows)]
                 if all(row.finished for row in rows):
                     break
                 input_ids = torch.tensor([[token] for token in chosen], device=device)
@@ -138,6 +138,16 @@ class _Row:
     def finished(self) -> bool:
         return self.reason is not None
 
+    def choose_or_fail(self, logits: torch.Tensor) -> int:
+        """The next token; a failure (a value that cannot be computed) ends this row alone, never the
+        other clients' rows in the same batch."""
+        try:
+            return self.choose(logits)
+        except Exception as exc:  # noqa: BLE001  (its request gets the error; the batch goes on)
+            self.reason = "error"
+            self.request.done.set_exception(exc)
+            return self.tokenizer.pad_token_id
+
     def choose(self, logits: torch.Tensor) -> int:
         """The next token of this row (the pad token once it has finished)."""
         if self.finished:
@@ -175,6 +185,8 @@ class _Row:
     def finish(self) -> None:
         """Say the rest (what was held back) and resolve the request. A character whose bytes were cut off
         by the end of generation is left out, not sent as U+FFFD (vLLM's detokenizer does the same)."""
+        if self.request.done.done():  # failed on its own (choose_or_fail)
+            return
         if self.reason is None:
             self.reason = "length"
         text = self._text()[0].rstrip("\ufffd")
@@ -205,7 +217,9 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     """Greedy, or temperature, top-k and top-p, in that order (as transformers' generate applies them)."""
     if sampling.greedy or sampling.temperature == 0:
         return int(logits.argmax())
-    logits = logits / sampling.temperature
+    # shifted so the largest is 0 before dividing: a temperature of 1e-40 then gives 0 and -inf (greedy in
+    # effect) instead of inf - inf = NaN, which once failed every row of the batch
+    logits = (logits - logits.max()) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.numel():
         cutoff = torch.topk(logits, sampling.top_k).values[-1]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))

@@ -236,9 +236,19 @@ def _train(job: Job, model) -> dict:
         if not progress.evals or progress.evals[-1]["step"] != trainer.state.global_step:
             trainer.evaluate()  # the final figures, unless the schedule just evaluated
         summary.update(eval_loss=progress.evals[-1]["eval_loss"], eval_ppl=progress.evals[-1]["eval_ppl"])
-    say(f"loss {summary.get('first_loss', float('nan')):.4f} -> {summary.get('final_loss', float('nan')):.4f} "
-        f"in {summary.get('steps', 0)} steps, {summary.get('tokens_per_s')} tokens/s")
+    say(_loss_line(summary, len(progress.history), trainer.state.global_step, job.recipe.train.logging_steps))
     return {**summary, "history": progress.history, "evals": progress.evals}
+
+
+def _loss_line(summary: dict, logged: int, steps: int, every: int) -> str:
+    """The run's loss in one line; one logged step is no trend, so it is not written as one."""
+    speed = f"{summary.get('tokens_per_s')} tokens/s"
+    if logged == 0:
+        return f"{steps} steps, no loss logged (train.logging_steps is {every})"
+    if logged == 1:
+        return (f"loss {summary['final_loss']:.4f} at step {summary['steps']} of {steps} (the only logged step: "
+                f"train.logging_steps is {every}), {speed}")
+    return f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {steps} steps, {speed}"
 
 
 def _publish(job: Job, model, manifest: Manifest, summary: dict) -> Path:
@@ -313,6 +323,10 @@ def _describe_data(recipe: Recipe, data: Prepared) -> None:
             f" -> {s['rows']:,} rows of up to {recipe.data.max_length} tokens "
             f"({'packed' if recipe.data.packing else 'not packed'}), {s['tokens']:,} tokens, "
             f"{s['trained_tokens']:,} trained")
+        batch = recipe.train.batch_size * recipe.train.grad_accum
+        if s["rows"] < batch:
+            say(f"warning: the data makes {s['rows']} row(s), fewer than one batch ({batch} = train.batch_size x "
+                f"train.grad_accum): every step sees the same rows; lower train.batch_size or add data")
     for note in data.notes:
         say(note)
     if data.system_prompt is not None:

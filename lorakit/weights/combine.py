@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LorakitError
 from ..log import say
-from .folders import apply_adapter, base_of, check_adapter_folder, read_manifest
+from .folders import apply_adapter, base_of, check_adapter_folder, inputs_of, read_manifest
 from .loading import load_model, load_tokenizer
 from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging
@@ -58,7 +58,7 @@ def combine(adapters: list[str], weights: list[float], out: Path, *, combination
     out = output_path(out)
     manifests = [read_manifest(a) or Manifest(kind="adapter") for a in adapters]
     refuse_if_wrong(adapters, manifests, weights, combination)
-    check_output(out, overwrite=overwrite, inputs=[(f"the adapter {a}", a) for a in adapters])
+    check_output(out, overwrite=overwrite, inputs=inputs_of(adapters))
     name = base_of(adapters[0])
     tokenizer = load_tokenizer(name)
     base = load_model(name, torch.float32, device, quantization=manifests[0].quantization)

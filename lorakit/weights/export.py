@@ -16,6 +16,7 @@ import torch
 from ..log import say
 from .folders import (
     SHARD_SIZE,
+    inputs_of,
     is_full_model,
     load_for_inference,
     read_manifest,
@@ -47,12 +48,14 @@ class ExportSettings:
     device: str = "cpu"
 
 
-def export(sources: list[str], out: Path, settings: ExportSettings = ExportSettings()) -> Path:
+def export(sources: list[str], out: Path, settings: ExportSettings = ExportSettings(), *,
+           step_of: Path | None = None) -> Path:
     """Merge `sources` (an adapter, a chain, or one model folder) into a model folder at `out`; returns
-    the folder written."""
+    the folder written. `step_of`: this merge is a step of writing that output (a GGUF), so the messages
+    name it, not this temporary folder."""
     model, dtype, onto, force, device = settings.model, settings.dtype, settings.onto, settings.force, settings.device
     out = output_path(out)
-    check_output(out, overwrite=settings.overwrite, inputs=[(f"the source {s}", s) for s in sources] + [("the model", model)])
+    check_output(out, overwrite=settings.overwrite, inputs=inputs_of(sources, model))
     target = DTYPES[dtype]
     manifests = [read_manifest(s) for s in sources]
     manifest = _manifest(sources, [m for m in manifests if m], dtype, onto)
@@ -70,10 +73,11 @@ def export(sources: list[str], out: Path, settings: ExportSettings = ExportSetti
         del merged
         release_memory()
         if settings.verify:
-            manifest.verify = _verify(folder, out, reference, _coarsest(target, trained_on, onto))
+            manifest.verify = _verify(folder, step_of or out, reference, _coarsest(target, trained_on, onto))
         manifest.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        say(f"exported {len(list(folder.glob('*.safetensors')))} safetensors shard(s), "
-            f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
+        if step_of is None:
+            say(f"exported {len(list(folder.glob('*.safetensors')))} safetensors shard(s), "
+                f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
         manifest.write(folder)
         return publish(folder, out, overwrite=settings.overwrite)
 
@@ -124,7 +128,7 @@ def _verify(staging: Path, out: Path, reference, precision: torch.dtype) -> dict
     probe, expected = reference
     reloaded = AutoModelForCausalLM.from_pretrained(staging)
     result = require_same_logits(expected, logits(reloaded, probe), precision, f"verifying {out}")
-    say(f"verified: {out} reloaded with plain transformers matches the adapter on its base "
+    say(f"verified: the merged weights of {out} reloaded with plain transformers match the adapter on its base "
         f"(max logit difference {result['max_logit_diff']:.3g}, limit {result['tolerance']:.3g})")
     return result
 
@@ -149,14 +153,15 @@ def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: 
 
     check_quant(quant)
     out = output_path(out)
-    check_output(out, overwrite=settings.overwrite, inputs=[(f"the source {s}", s) for s in sources])
+    check_output(out, overwrite=settings.overwrite, inputs=inputs_of(sources, settings.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merging-") as work:
-        merged = export(sources, Path(work) / "merged", dataclasses.replace(settings, dtype="fp32", overwrite=True))
+        merged = export(sources, Path(work) / "merged", dataclasses.replace(settings, dtype="fp32", overwrite=True),
+                        step_of=out)
         recorded = read_manifest(merged)
         chat = bool(recorded.chat)
         with staging(out) as folder:
-            facts = write_model(merged, folder / "model.gguf", quant, chat)
+            facts = write_model(merged, folder / "model.gguf", quant, chat, name=out.name)
             worst = check_file(folder / "model.gguf", facts.pop("sources"), quant)
             announce(out / "model.gguf", facts)
             system = _system(recorded, merged) if chat else None
@@ -166,6 +171,20 @@ def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: 
                      chat=recorded.chat, dtype=quant, sources=recorded.sources, verify=recorded.verify,
                      size_bytes=facts["size_bytes"], extra={"gguf_check": {"max_relative_diff": worst}}).write(folder)
             return publish(folder, out, overwrite=settings.overwrite)
+
+
+def _from_modelfile(out: Path, base_gguf: str | None) -> str:
+    """The base GGUF as the Modelfile in `out` must name it: Ollama reads FROM relative to the Modelfile's
+    own folder (and, not finding a file, would try to pull a model of that name)."""
+    import os
+
+    if base_gguf is None:
+        return "./base.gguf"
+    target = Path(base_gguf).expanduser().resolve()
+    if not target.is_file():
+        say(f"warning: --base-gguf {base_gguf}: no such file yet ({target}); the Modelfile names it there")
+    relative = os.path.relpath(target, out.resolve())
+    return relative if relative.startswith("..") else f"./{relative}"
 
 
 def _system(recorded: Manifest, folder: Path) -> str | None:
@@ -191,7 +210,7 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
     from .loading import load_config
 
     out = output_path(out)
-    check_output(out, overwrite=settings.overwrite, inputs=[(f"the adapter {source}", source)])
+    check_output(out, overwrite=settings.overwrite, inputs=inputs_of([source], settings.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     base = settings.model or base_of(source)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.flattening-") as work:
@@ -203,7 +222,7 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
             check_file(folder / "adapter.gguf", facts.pop("sources"), "f32")
             announce(out / "adapter.gguf", facts)
             chat = recorded.stage == "sft"
-            where = base_gguf or "./base.gguf"
+            where = _from_modelfile(out, base_gguf)
             system = _system(recorded, flat) if chat else None
             (folder / "Modelfile").write_text(modelfile(where, "./adapter.gguf", system, chat), encoding="utf-8")
             if base_gguf is None:

@@ -21,8 +21,10 @@ from .folders import (
     apply_adapter,
     apply_chain,
     base_of,
+    inputs_of,
     is_full_model,
     read_manifest,
+    record_base,
     trained_quantization,
 )
 from .loading import fingerprint, load_model, load_tokenizer
@@ -58,7 +60,7 @@ def export_flat_adapter(source: str, out: Path, *, model_name: str | None = None
         raise LorakitError(f"{source} is a fully fine-tuned model, not an adapter: it has no adapter to flatten; "
                            f"serve it as --model, or export it as a model folder")
     out = output_path(out)
-    check_output(out, overwrite=overwrite, inputs=[(f"the adapter {source}", source)])
+    check_output(out, overwrite=overwrite, inputs=inputs_of([source], model_name))
     chain = adapter_chain(source)
     manifests = [read_manifest(folder) for folder in chain]
     last = read_manifest(source) or Manifest(kind="adapter")
@@ -74,6 +76,7 @@ def export_flat_adapter(source: str, out: Path, *, model_name: str | None = None
     with staging(out) as folder:
         flat.save_pretrained(folder, selected_adapters=[FLAT])
         _unnest(folder)
+        record_base(folder)
         tokenizer.save_pretrained(folder)
         del flat, base
         check = require_same_logits(reference, _reloaded_logits(name, folder, quantization, device, probe),

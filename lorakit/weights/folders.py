@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from ..recipe import Recipe
 from .manifest import Manifest, Quantization, read_json_object
 
 SHARD_SIZE = "2GB"
+MAX_CHAIN = 32  # stages stacked on one base: far above any real chain, far below a loop
 
 
 def read_manifest(folder: str | Path) -> Manifest | None:
@@ -63,10 +65,24 @@ def check_adapter_folder(folder: str | Path, what: str = "adapter") -> Path:
     return folder
 
 
+def record_base(folder: Path) -> None:
+    """peft writes the base as it was named (`models/base`, relative to where lorakit ran), so that
+    AutoPeftModelForCausalLM failed from any other folder: a local base is recorded as its absolute path."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and base and Path(base).expanduser().is_dir():
+        config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_adapter(staging: Path, out: Path, model, tokenizer, recipe: Recipe, manifest: Manifest) -> None:
     """Write peft weights (or a full model), tokenizer, resolved recipe, (if any) the parent copy, and the
     manifest, which the reload check reads; it is written again last, complete."""
     model.save_pretrained(staging, max_shard_size=SHARD_SIZE)
+    record_base(staging)
     tokenizer.save_pretrained(staging)
     (staging / "recipe.yaml").write_text(
         f"# lorakit train {out / 'recipe.yaml'}   (the resolved recipe of {recipe.name}: every default spelled out)\n"
@@ -88,8 +104,14 @@ def adapter_chain(folder: str | Path) -> list[Path]:
     if manifest and manifest.parent and not (chain[0] / "parent").is_dir():
         raise LorakitError(f"{folder}: its manifest names a parent adapter, but the copy in {chain[0] / 'parent'} "
                            f"is missing; the adapter cannot be applied without it")
+    seen = {chain[0].resolve()}
     while (chain[0] / "parent").is_dir():
-        chain.insert(0, check_adapter_folder(chain[0] / "parent", "parent copy"))
+        parent = chain[0] / "parent"
+        if parent.resolve() in seen or len(chain) >= MAX_CHAIN:
+            raise LorakitError(f"{parent}: the chain of parents loops back on itself (it leads to "
+                               f"{parent.resolve()} again); a parent must be a copy of another adapter")
+        seen.add(parent.resolve())
+        chain.insert(0, check_adapter_folder(parent, "parent copy"))
     return chain
 
 
@@ -112,6 +134,20 @@ def base_of(folder: str | Path) -> str:
     if not isinstance(config.get("base_model_name_or_path"), str) or not config["base_model_name_or_path"]:
         raise LorakitError(f"{folder}: the adapter does not say its base model; pass --model")
     return config["base_model_name_or_path"]
+
+
+def inputs_of(sources, model: str | None = None) -> list[tuple[str, str | Path | None]]:
+    """What a command that reads `sources` (adapters or model folders) reads, for check_output: each source
+    and the base each adapter names (a local model folder above all: `export ADAPTER -o BASE --overwrite`
+    once replaced the run's own base). Parents travel inside their child's folder, so the child covers them."""
+    found: list[tuple[str, str | Path | None]] = [(f"the source {s}", s) for s in sources] + [("the model", model)]
+    for source in sources:
+        if Path(source).is_dir() and not is_full_model(source):
+            try:
+                found.append((f"the base model of {source}", base_of(source)))
+            except LorakitError:
+                pass  # an adapter that names no base: nothing of it to protect
+    return found
 
 
 def weights_digest(folder: Path) -> str:

@@ -55,8 +55,9 @@ def _config(folder: Path) -> dict:
     return config
 
 
-def write_model(folder: Path, out: Path, quant: str, chat: bool) -> dict:
-    """A merged (or fully fine-tuned) model folder as one GGUF file; returns what is recorded."""
+def write_model(folder: Path, out: Path, quant: str, chat: bool, name: str | None = None) -> dict:
+    """A merged (or fully fine-tuned) model folder as one GGUF file (general.name: `name`, else the
+    folder's); returns what is recorded."""
     import torch
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -65,7 +66,7 @@ def write_model(folder: Path, out: Path, quant: str, chat: bool) -> dict:
     config = _config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     writer = gguf.GGUFWriter(str(out), "qwen2")
-    writer.add_name(folder.name)
+    writer.add_name(name or folder.name)
     _hyperparameters(writer, gguf, config, quant)
     _vocabulary(writer, gguf, folder, tokenizer, config, chat)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.QWEN2, config["num_hidden_layers"])

@@ -169,6 +169,13 @@ class Manifest:
         value = read_json_object(path, "lorakit manifest")
         if not isinstance(value.get("lorakit_version"), str):
             raise LorakitError(f"{path}: not a lorakit manifest (no lorakit_version)")
+        schema = value.get("schema", 0)
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema < 0:
+            raise LorakitError(f"{path}: `schema` must be a whole number, got {schema!r}")
+        if schema > SCHEMA:
+            raise LorakitError(f"{path}: written by a newer lorakit (manifest schema {schema}, "
+                               f"{value['lorakit_version']}); this lorakit reads schema {SCHEMA} and older: upgrade it")
+        _check_quantization(value.get("quantization"), path)
         return cls.from_dict(value)
 
     def write(self, folder: Path) -> None:
@@ -186,6 +193,19 @@ class Manifest:
         facts.append(f"final loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
         facts = [f for f in facts if f]
         return f"{what} ({', '.join(facts)})" if facts else what
+
+
+def _check_quantization(value: Any, path: Path) -> None:
+    """A manifest's `quantization` decides how the base is loaded: anything but what lorakit writes is named."""
+    if value is None:
+        return
+    expected = "an object like {\"bits\": 4, \"type\": \"nf4\", \"double_quant\": true, \"compute_dtype\": \"bfloat16\"}"
+    if not isinstance(value, dict):
+        raise LorakitError(f"{path}: `quantization` must be {expected}, got {value!r}")
+    if value.get("bits") not in (4, 8) or not isinstance(value.get("type"), str) or \
+            not isinstance(value.get("double_quant"), bool) or \
+            value.get("compute_dtype") not in ("float32", "bfloat16", "float16"):
+        raise LorakitError(f"{path}: `quantization` must be {expected}, got {json.dumps(value)[:200]}")
 
 
 def read_json_object(path: Path, what: str) -> dict:
