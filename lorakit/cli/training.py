@@ -51,8 +51,8 @@ def validate(recipe, overrides):
     r = load(recipe, overrides)
     click.echo(f"{recipe}: ok ({r.stage}, {r.method}, model {r.model or 'from parent ' + str(r.parent)}, "
                f"output {r.output_dir})")
-    for what, path in (("data.path", r.data.path), ("parent", r.parent)):
-        if path and not Path(path).exists():
+    for what, path in [("data.path", s.path) for s in r.data.sources] + [("parent", r.parent)]:
+        if path and not any(c in path for c in "*?[") and not path.startswith("hf:") and not Path(path).exists():
             click.echo(f"note: {what} {path} does not exist yet")
 
 

@@ -15,98 +15,46 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
-from ..system.hub import hub_reachable
 from ..system.processes import children_die_with_me
 from . import cache
-from .blocks import IGNORE, Example, first_fit, pack_examples, row, stream_blocks
-from .chat import (
-    end_of_turn,
-    load_conversations,
-    template_system_prompt,
-    tokenize_conversations,
-)
-from .files import (
-    RECORD_SUFFIXES,
-    TEXT_SUFFIXES,
-    Source,
-    fingerprint_files,
-    raw_records,
-    resolve,
-)
-from .text import load_documents, tokenize_documents
+from .blocks import IGNORE, Example, first_fit, row, stream_blocks
+from .chat import end_of_turn
+from .files import Source
+from .mix import describe, mix
+from .sources import Part, Prepared, as_raw, dataset, fingerprint, fingerprint_parts, plan, raw
 from .specials import literal_note
-from .tokenize import TokenizeSettings, pieces, tokenize_batch
+from .stream import first_examples, load_examples, streaming, to_rows  # noqa: F401  (this module's API too)
+from .tokenize import TokenizeSettings, tokenize_batch
 
 WRITE_ROWS = 256  # rows buffered before they are written (a 1024-token row is 12 KB)
-
-
-@dataclass
-class Prepared:
-    rows: Any
-    """Training rows: a memory-mapped datasets.Dataset, or an IterableDataset when streaming."""
-    data_hash: str
-    stats: dict
-    """examples, rows, tokens, trained_tokens, eval_rows, split (CPT documents split into blocks),
-    truncated (SFT conversations cut before their last end-of-turn)."""
-    system_prompt: str | None = None
-    notes: list[str] = field(default_factory=list)
-    eval_rows: Any = None
-    location: Path | None = None
-    """The cache entry the rows were read from (None when streaming)."""
-
-
-def _sources(recipe: Recipe, tokenizer) -> tuple[Source, Source | None, TokenizeSettings]:
-    data, stage = recipe.data, recipe.stage
-    suffixes = TEXT_SUFFIXES if stage == "cpt" else RECORD_SUFFIXES
-    source = resolve(data.path, suffixes, data.split)
-    eval_source = resolve(data.eval_path, suffixes, data.split) if data.eval_path else None
-    system_prompt = None
-    if stage == "sft":
-        system_prompt = data.system_prompt if data.system_prompt is not None else template_system_prompt(tokenizer)
-    return source, eval_source, TokenizeSettings(stage, data.max_length, system_prompt, data.field)
-
-
-def first_examples(recipe: Recipe, tokenizer, count: int) -> list[Example]:
-    """The first `count` examples as training sees them, tokenized here and now (`lorakit preview`)."""
-    source, _, settings = _sources(recipe, tokenizer)
-    found = []
-    for example in _stream_examples(source, tokenizer, settings):
-        found.append(example)
-        if len(found) == count:
-            break
-    return found
 
 
 def prepare(recipe: Recipe, tokenizer) -> Prepared:
     """Load, check, tokenize and pack the recipe's data (or read it from the cache); raises LorakitError
     naming the first bad record."""
     data, stage = recipe.data, recipe.stage
-    source, eval_source, settings = _sources(recipe, tokenizer)
-    system_prompt = settings.system_prompt
-    data_hash = _fingerprint(source)
-    if data.streaming:
-        return _streaming(recipe, source, eval_source, tokenizer, settings, data_hash)
-    key = cache.cache_key({"data": data_hash, "eval": _fingerprint(eval_source) if eval_source else None,
-                           "eval_split": data.eval_split, "seed": recipe.train.seed if data.eval_split else None,
-                           "tokenizer": cache.tokenizer_fingerprint(tokenizer), "stage": stage,
-                           "max_length": data.max_length, "packing": data.packing, "system_prompt": system_prompt,
-                           "field": data.field})
+    parts, eval_source, settings = plan(recipe, tokenizer)
+    data_hash = fingerprint_parts(parts)
+    if data.streaming:  # one source (the recipe refuses a list)
+        return streaming(recipe, parts[0].source, eval_source, tokenizer, parts[0].settings, data_hash)
+    key = cache.cache_key({"data": data_hash, "eval": fingerprint(eval_source) if eval_source else None,
+                           "eval_split": data.eval_split, "seed": recipe.train.seed if data.eval_split or
+                           len(parts) > 1 else None, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+                           "stage": stage, "max_length": data.max_length, "packing": data.packing,
+                           "system_prompt": settings.system_prompt, "field": data.field})
     root = (Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()).resolve()
-    folder = _entry(root, key, lambda partial: _build(partial, recipe, source, eval_source, tokenizer, settings))
-    return _load(folder, data_hash, system_prompt)
+    folder = _entry(root, key, lambda partial: _build(partial, recipe, parts, eval_source, tokenizer, settings))
+    return _load(folder, data_hash, settings.system_prompt)
 
 
 def _entry(root: Path, key: str, build) -> Path:
@@ -168,30 +116,34 @@ def _load(folder: Path, data_hash: str, system_prompt: str | None) -> Prepared:
     return Prepared(rows, data_hash, meta["stats"], system_prompt, meta["notes"], eval_rows, folder)
 
 
-def _fingerprint(source: Source) -> str:
-    if source.files:
-        return fingerprint_files(source.files)
-    return _dataset(source)._fingerprint  # datasets' own fingerprint of the folder's or the hub's data
-
-
-def _build(partial: Path, recipe: Recipe, source: Source, eval_source: Source | None, tokenizer,
+def _build(partial: Path, recipe: Recipe, parts: list[Part], eval_source: Source | None, tokenizer,
            settings: TokenizeSettings) -> None:
-    """Prepare the entry in `partial`: tokenize in parallel, check, split, pack, write the rows."""
+    """Prepare the entry in `partial`: tokenize each source in parallel, check, split, mix, pack, write."""
     data, start = recipe.data, time.perf_counter()
     num_proc = data.num_proc or len(os.sched_getaffinity(0))
-    say(f"data: tokenizing {source.label} with {num_proc} process(es) into {partial.parent} (once: later runs "
+    say(f"data: tokenizing {data.label} with {num_proc} process(es) into {partial.parent} (once: later runs "
         f"read it from there)")
-    notes = list(source.notes)
-    examples = _checked(_tokenized(source, partial / "work", tokenizer, settings, num_proc), settings, tokenizer,
-                        notes, source.label)
+    notes = [note for part in parts for note in part.source.notes]
+    examples = [_checked(_tokenized(p.source, partial / f"work-{i}", tokenizer, p.settings, num_proc), p.settings,
+                         tokenizer, notes, p.source.label) for i, p in enumerate(parts)]
     held_out = None
     if eval_source is not None:
         held_out = _checked(_tokenized(eval_source, partial / "work-eval", tokenizer, settings, num_proc), settings,
                             tokenizer, [], eval_source.label)
-    elif data.eval_split > 0:
-        examples, held_out = _split(examples, data.eval_split, recipe.train.seed)
-        notes.append(f"{len(held_out)} of {len(examples) + len(held_out)} examples held out for evaluation")
-    stats = _write_rows(partial / "train.arrow", examples, settings.stage, data.max_length, data.packing)
+    elif data.eval_split > 0:  # each source gives its share, before mixing, so no example is in both
+        split = [_split(e, data.eval_split, recipe.train.seed) for e in examples]
+        examples, held_out = [kept for kept, _ in split], _concatenated([held for _, held in split])
+        notes.append(f"{len(held_out)} of {sum(len(e) for e in examples) + len(held_out)} examples held out for "
+                     f"evaluation")
+    sources = None
+    if len(parts) > 1 or parts[0].weight is not None:
+        weights = [p.weight for p in parts] if parts[0].weight is not None else None
+        mixed, sources = mix(examples, [p.source.label for p in parts], weights, recipe.train.seed, settings.stage)
+        notes.append(describe(sources, settings.stage))
+        examples = [mixed]
+    stats = _write_rows(partial / "train.arrow", examples[0], settings.stage, data.max_length, data.packing)
+    if sources is not None:
+        stats["sources"] = sources
     if stats.get("split"):
         notes.append(f"{stats['split']} of {stats['examples']} documents are longer than max_length="
                      f"{data.max_length} and were split into blocks (not cut)")
@@ -199,11 +151,17 @@ def _build(partial: Path, recipe: Recipe, source: Source, eval_source: Source | 
         stats["eval_rows"] = _write_rows(partial / "eval.arrow", held_out, settings.stage, data.max_length,
                                          data.packing)["rows"]
     cache.seal(partial, {"stats": stats, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "seconds": round(time.perf_counter() - start, 1), "source": source.label,
-                               "num_proc": num_proc})
+                         "seconds": round(time.perf_counter() - start, 1), "source": data.label,
+                         "num_proc": num_proc})
     for work in partial.glob("work*"):
         shutil.rmtree(work, ignore_errors=True)
     say(f"data: prepared in {time.perf_counter() - start:.1f} s")
+
+
+def _concatenated(datasets_: list):
+    from datasets import concatenate_datasets
+
+    return datasets_[0] if len(datasets_) == 1 else concatenate_datasets(datasets_)
 
 
 def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings, num_proc: int):
@@ -214,15 +172,15 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
     if num_proc > 1:  # the workers are forked: tokenizers' own threads there would only oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if source.dataset:
-        records = _dataset(source).map(_as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label},
-                                       remove_columns=_dataset(source).column_names,
+        records = dataset(source).map(as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label},
+                                      remove_columns=dataset(source).column_names,
                                        cache_file_name=str(work / "records.arrow"))
     else:
-        if next(_raw(list(source.files), settings), None) is None:  # datasets cannot build a dataset of nothing
+        if next(raw(list(source.files), settings), None) is None:  # datasets cannot build a dataset of nothing
             raise LorakitError(f"{source.label}: no {'documents' if settings.stage == 'cpt' else 'conversations'} found")
         features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string"),
                              "continues": Value("bool")})
-        records = Dataset.from_generator(_raw, gen_kwargs={"files": list(source.files), "settings": settings},
+        records = Dataset.from_generator(raw, gen_kwargs={"files": list(source.files), "settings": settings},
                                          features=features, cache_dir=str(work / "generator"))
     parallel = num_proc if num_proc > 1 and len(records) > 256 else None  # 1: in this process, no pool
     if parallel:
@@ -231,58 +189,6 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
                        fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
                        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
                        desc="tokenizing")
-
-
-def _raw(files: list[Path], settings: TokenizeSettings) -> Iterator[dict]:
-    """Each record as JSON text, where it came from, and (CPT) whether it is a piece of a long document
-    that the next record goes on with: a long document is handed on in pieces, never whole."""
-    for file in files:
-        for where, raw in raw_records(file):
-            split = pieces(where, raw, settings.field) if settings.stage == "cpt" else None
-            if split is None:
-                yield {"where": where, "file": str(file), "raw": raw, "continues": False}
-                continue
-            key = settings.field or "text"
-            for index, piece in enumerate(split):
-                yield {"where": where, "file": str(file), "raw": json.dumps({key: piece}, ensure_ascii=False),
-                       "continues": index < len(split) - 1}
-
-
-def _as_raw(batch: dict, indices: list[int], label: str) -> dict:
-    names = list(batch)
-    rows = [dict(zip(names, values)) for values in zip(*batch.values())] if names else [{} for _ in indices]
-    return {"where": [f"{label} row {i + 1}" for i in indices], "file": [label] * len(indices),
-            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows], "continues": [False] * len(rows)}
-
-
-def _dataset(source: Source):
-    """A datasets folder (save_to_disk) or a hub dataset, as a Dataset of the chosen split."""
-    import datasets
-
-    if source.dataset.startswith("hf:"):
-        return _hub(source)
-    loaded = datasets.load_from_disk(source.dataset)
-    if isinstance(loaded, datasets.DatasetDict):
-        if source.split not in loaded:
-            raise LorakitError(f"{source.label}: no split {source.split!r} (data.split); it has {', '.join(loaded)}")
-        loaded = loaded[source.split]
-    return loaded
-
-
-def _hub(source: Source):
-    import datasets
-
-    name = source.dataset.removeprefix("hf:")
-    if not hub_reachable():
-        raise LorakitError(f"{source.label}: the hub dataset cannot be downloaded here (the hub is unreachable); "
-                           f"download it where it is reachable (datasets.load_dataset({name!r}).save_to_disk(DIR)) "
-                           f"and set data.path: DIR")
-    try:
-        return datasets.load_dataset(name, split=source.split)
-    except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
-        from ..errors import first_line
-
-        raise LorakitError(f"{source.label}: cannot load the hub dataset ({first_line(exc)})") from None
 
 
 def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], label: str):
@@ -365,84 +271,3 @@ def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool
     return stats
 
 
-def _streaming(recipe: Recipe, source: Source, eval_source: Source | None, tokenizer, settings: TokenizeSettings,
-               data_hash: str) -> Prepared:
-    """Rows made while training reads them: nothing is prepared ahead, nothing is cached."""
-    from datasets import IterableDataset
-
-    data = recipe.data
-    rows = IterableDataset.from_generator(_stream_rows, gen_kwargs={
-        "source": source, "tokenizer": tokenizer, "settings": settings, "packing": data.packing})
-    eval_rows = None
-    if eval_source is not None:
-        eval_examples = list(_stream_examples(eval_source, tokenizer, settings))
-        eval_rows = to_rows(settings.stage, eval_examples, data.max_length, data.packing)
-    say(f"data: streaming {source.label} (tokenized while training reads it; nothing cached)")
-    stats = {"examples": None, "rows": None, "tokens": None, "trained_tokens": None,
-             "eval_rows": len(eval_rows) if eval_rows else 0}
-    return Prepared(rows, data_hash, stats, settings.system_prompt, list(source.notes), eval_rows, None)
-
-
-def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
-    batch = {"where": [], "raw": [], "continues": []}
-    records = _raw(list(source.files), settings) if source.files else \
-        (dict(zip(out, values)) for out in _dataset(source).map(
-            _as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label}).iter(batch_size=WRITE_ROWS)
-         for values in zip(*out.values()))
-    for record in records:
-        for name in batch:
-            batch[name].append(record[name])
-        if len(batch["where"]) == WRITE_ROWS:
-            yield from _examples_of(batch, tokenizer, settings)
-            batch = {"where": [], "raw": [], "continues": []}
-    if batch["where"]:
-        yield from _examples_of(batch, tokenizer, settings)
-
-
-def _examples_of(batch: dict, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
-    out = tokenize_batch(batch, tokenizer, settings)
-    for where, ids, labels, error, more in zip(batch["where"], out["input_ids"], out["labels"], out["error"],
-                                               out["continues"]):
-        if error:
-            raise LorakitError(error)
-        if ids:
-            yield Example(ids, labels or ids, where, more)
-
-
-def _stream_rows(source: Source, tokenizer, settings: TokenizeSettings, packing: bool) -> Iterator[dict]:
-    examples = _stream_examples(source, tokenizer, settings)
-    if settings.stage == "cpt":
-        yield from stream_blocks(examples, settings.max_length, packing)
-        return
-    window: list[Example] = []  # SFT: first-fit within windows of examples, as a stream allows
-    for example in examples:
-        window.append(example)
-        if len(window) == 1024:
-            yield from pack_examples(window, settings.max_length, packing)
-            window = []
-    if window:
-        yield from pack_examples(window, settings.max_length, packing)
-
-
-# In memory, for small data: `lorakit eval`, preview and the tests.
-
-def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: str | None):
-    """Examples of a data path for a stage, the files read, and notes for the log."""
-    if stage == "cpt":
-        documents, files = load_documents(path)
-        examples = tokenize_documents(documents, tokenizer)
-        long = sum(len(e.input_ids) > max_length for e in examples)
-        notes = [f"{long} of {len(examples)} documents are longer than max_length={max_length} "
-                 f"and were split into blocks (not cut)"] if long else []
-        return examples, files, notes
-    conversations, files, notes = load_conversations(path)
-    examples, cut = tokenize_conversations(conversations, tokenizer, max_length, system_prompt)
-    notes += [f"{cut} of {len(examples)} conversations were truncated to max_length={max_length} "
-              f"before their last end-of-turn token"] if cut else []
-    return examples, files, notes
-
-
-def to_rows(stage: str, examples: list[Example], max_length: int, packing: bool) -> list[dict]:
-    if stage == "cpt":
-        return list(stream_blocks(examples, max_length, packing))
-    return pack_examples(examples, max_length, packing)

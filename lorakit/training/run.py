@@ -114,7 +114,8 @@ def _check_inputs(recipe: Recipe) -> str:
 def _inputs(recipe: Recipe, options: RunOptions, model_name: str) -> list[tuple[str, str | Path | None]]:
     """What the run reads, which its output folder must never contain."""
     local_model = model_name if Path(model_name).expanduser().exists() else None
-    return [("the recipe", options.recipe_file), ("the data", recipe.data.path), ("the eval data", recipe.data.eval_path),
+    return [("the recipe", options.recipe_file), *[("the data", s.path) for s in recipe.data.sources],
+            ("the eval data", recipe.data.eval_path),
             ("the parent adapter", recipe.parent), ("the base model", local_model)]
 
 
@@ -319,7 +320,7 @@ def _quantization(recipe: Recipe, dtype: torch.dtype) -> Quantization | None:
 def _describe_data(recipe: Recipe, data: Prepared) -> None:
     s = data.stats
     if s["rows"] is not None:  # a stream's size is known only once it has been read
-        say(f"data {recipe.data.path}: {s['examples']:,} {'documents' if recipe.stage == 'cpt' else 'conversations'}"
+        say(f"data {recipe.data.label}: {s['examples']:,} {'documents' if recipe.stage == 'cpt' else 'conversations'}"
             f" -> {s['rows']:,} rows of up to {recipe.data.max_length} tokens "
             f"({'packed' if recipe.data.packing else 'not packed'}), {s['tokens']:,} tokens, "
             f"{s['trained_tokens']:,} trained")

@@ -1,33 +1,46 @@
-"""Recipes: the YAML a user writes, checked into frozen dataclasses.
-
-Every default lives here, documented under its field; a recipe lists only what differs. Unknown keys
-are an error naming the closest valid key, and a value of the wrong type names the type expected.
-"""
+"""The recipe's settings: frozen dataclasses, every default documented under its field (a recipe lists
+only what differs). Reading YAML into them, with the checks that name a wrong key: loading.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ..errors import LorakitError
 
-from .errors import LorakitError, first_line
+
+@dataclass(frozen=True)
+class DataSource:
+    """One entry of a `data.path` list: several datasets in one run, mixed by weight."""
+
+    path: str
+    """As data.path: a file, folder, glob, save_to_disk folder or `hf:org/name`."""
+    weight: float | None = None
+    """This source's share of the examples (weights are normalised to shares). None: give no weight to any
+    source, and every example of every source is used once."""
+    field: str | None = None
+    """The record field holding the text or messages in this source (default: data.field)."""
+    split: str | None = None
+    """A hub or save_to_disk dataset's split (default: data.split)."""
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    path: str
+    path: str | list[str | dict]
     """A file (.txt, .json, .jsonl, .parquet, each also .gz or .zst), a folder of them (any other file in
     it is named in a note), a glob pattern (corpus/*.jsonl.gz), a folder written by datasets'
-    save_to_disk, or a hub dataset `hf:org/name`. Read from the folder lorakit runs in."""
+    save_to_disk, or a hub dataset `hf:org/name`. Read from the folder lorakit runs in.
+
+    Or a list of sources, each a path or {path, weight, field, split}: with weights, each source makes
+    that share of the examples (sampled without replacement; a source asked for more examples than it
+    holds is repeated whole, then sampled for the rest); an epoch is as many examples as the sources hold
+    together. Without weights the sources are simply read one after another. Records are recognised per
+    record (text, messages, ShareGPT, Alpaca), so sources may differ in format."""
     max_length: int = 1024
     """Tokens per training sequence. CPT documents longer than this are split into blocks, never cut;
     SFT conversations longer than this are truncated (and checked to keep trained tokens)."""
@@ -54,7 +67,23 @@ class DataSettings:
     field: str | None = None
     """The record field holding the text (CPT) or the messages (SFT), when it is not `text` / `messages`."""
 
+    @property
+    def sources(self) -> list[DataSource]:
+        """data.path as a list of sources (one, for a plain path), with data.field and data.split filled in."""
+        entries = self.path if isinstance(self.path, list) else [self.path]
+        found = []
+        for entry in entries:
+            source = DataSource(entry) if isinstance(entry, str) else DataSource(**entry)
+            found.append(dataclasses.replace(source, field=source.field or self.field, split=source.split or self.split))
+        return found
+
+    @property
+    def label(self) -> str:
+        """data.path for messages: the path, or the sources' paths joined."""
+        return " + ".join(s.path for s in self.sources)
+
     def __post_init__(self):
+        self._check_sources()
         if self.max_length < 8:
             raise LorakitError(f"data.max_length must be at least 8, got {self.max_length}")
         if not 0 <= self.eval_split < 1:
@@ -66,6 +95,41 @@ class DataSettings:
         if self.streaming and self.eval_split:
             raise LorakitError("data.streaming cannot hold out data.eval_split (a stream is read once); give "
                                "data.eval_path instead")
+
+    def _check_sources(self) -> None:
+        if not isinstance(self.path, list):
+            return
+        if not self.path:
+            raise LorakitError("data.path: an empty list names no data")
+        if self.streaming and len(self.path) > 1:
+            raise LorakitError("data.streaming reads one source; mixing several (data.path as a list) needs them "
+                               "prepared: turn data.streaming off")
+        names = [f.name for f in dataclasses.fields(DataSource)]
+        for i, entry in enumerate(self.path):
+            where = f"data.path[{i}]"
+            if isinstance(entry, str):
+                continue
+            unknown = [k for k in entry if k not in names]
+            if unknown:
+                raise LorakitError(f"{where}: unknown key {unknown[0]!r}; a source has {', '.join(names)}")
+            if not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise LorakitError(f"{where}: needs `path`, a file, folder, glob or hf:org/name")
+            weight = entry.get("weight")
+            if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                       or not math.isfinite(weight) or weight <= 0):
+                raise LorakitError(f"{where}.weight must be a positive number, got {weight!r}")
+            for key in ("field", "split"):
+                if entry.get(key) is not None and not isinstance(entry[key], str):
+                    raise LorakitError(f"{where}.{key} must be a string, got {entry[key]!r}")
+        weighted = [self._weight(e) is not None for e in self.path]
+        if any(weighted) and not all(weighted):
+            missing = weighted.index(False)
+            raise LorakitError(f"data.path[{missing}]: give every source a weight, or none (then each example is "
+                               f"used once)")
+
+    @staticmethod
+    def _weight(entry) -> float | None:
+        return entry.get("weight") if isinstance(entry, dict) else None
 
 
 REPORTS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
@@ -238,172 +302,3 @@ def output_path(path: str | Path) -> Path:
     link keeps pointing at the new output instead of being replaced by a folder."""
     out = Path(path).expanduser()
     return Path(os.path.realpath(out)) if out.is_symlink() else out
-
-
-SECTIONS = {"data": DataSettings, "lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings}
-
-
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe file, apply `a.b=c` overrides, and check every key and type."""
-    path = Path(path)
-    if not path.is_file():
-        raise LorakitError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LorakitError(f"{path}: not valid YAML ({first_line(exc)})") from None
-    if not isinstance(raw, dict):
-        raise LorakitError(f"{path}: a recipe is a mapping of keys to values")
-    raw.setdefault("name", path.stem)
-    given = {}
-    for item in overrides:
-        given[_apply_override(raw, item)] = item
-    try:
-        return build(Recipe, raw, "")
-    except LorakitError as exc:
-        key = getattr(exc, "key", None)
-        blamed = next((item for name, item in given.items()
-                       if (key == name or str(key).startswith(name + ".")) or (key is None and name in str(exc))), None)
-        if blamed is not None:
-            raise LorakitError(f"command line {blamed}: {exc}") from None
-        raise LorakitError(f"{path}: {exc}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice is an error, not a silent last-one-wins."""
-
-    def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-def _apply_override(raw: dict, item: str) -> str:
-    """Set `key.sub=value` in the raw recipe; returns the key."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise LorakitError(f"override {item!r} is not of the form key.sub=value")
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise LorakitError(f"override {item!r}: {part} is not a section")
-    try:
-        node[leaf] = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError as exc:
-        raise LorakitError(f"command line {item}: the value is not valid YAML ({first_line(exc)})") from None
-    return key
-
-
-# What users of transformers' Trainer, LLaMA-Factory and axolotl type, and lorakit's key for it.
-ALIASES = {
-    "learning_rate": "train.lr", "lr": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
-    "epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size", "train_batch_size": "train.batch_size",
-    "batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-    "lr_scheduler_type": "train.scheduler", "lr_scheduler": "train.scheduler", "warmup_ratio": "train.warmup_ratio",
-    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm", "seed": "train.seed",
-    "max_steps": "train.max_steps", "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
-    "eval_steps": "train.eval_steps", "gradient_checkpointing": "train.gradient_checkpointing",
-    "bf16": "train.dtype", "fp16": "train.dtype", "torch_dtype": "train.dtype", "report_to": "train.report_to",
-    "save_total_limit": "train.keep_checkpoints", "lora_r": "lora.r", "lora_rank": "lora.r", "r": "lora.r",
-    "rank": "lora.r", "lora_alpha": "lora.alpha", "alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-    "target_modules": "lora.target", "lora_target": "lora.target", "lora_target_modules": "lora.target",
-    "lora_target_linear": "lora.target", "max_seq_length": "data.max_length", "max_length": "data.max_length",
-    "sequence_len": "data.max_length", "cutoff_len": "data.max_length", "model_max_length": "data.max_length",
-    "dataset": "data.path", "datasets": "data.path", "dataset_dir": "data.path", "train_file": "data.path",
-    "data_path": "data.path", "packing": "data.packing", "sample_packing": "data.packing",
-    "val_set_size": "data.eval_split", "eval_path": "data.eval_path", "system_prompt": "data.system_prompt",
-    "model_name_or_path": "model", "base_model": "model", "output_dir": "output", "adapter": "method",
-    "finetuning_type": "method", "load_in_4bit": "method: qlora (with quant.bits: 4)",
-    "load_in_8bit": "method: qlora (with quant.bits: 8)", "adapter_name_or_path": "parent", "lora_model_dir": "parent",
-    "bnb_4bit_quant_type": "quant.type", "bnb_4bit_use_double_quant": "quant.double_quant",
-}
-
-
-class RecipeKeyError(LorakitError):
-    """A mistake in one key of the recipe: `key` is its full name, so a command-line override can be blamed."""
-
-    def __init__(self, message: str, key: str):
-        super().__init__(message)
-        self.key = key
-
-
-def _suggestion(key: str, prefix: str, names: list[str]) -> str:
-    alias = ALIASES.get(str(key).lower())
-    if alias is not None and alias != f"{prefix}{key}":
-        return f"; lorakit calls it {alias}"
-    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-
-
-def build(cls, raw: Any, prefix: str):
-    """Build dataclass `cls` from a mapping, naming the full key of anything wrong."""
-    if not isinstance(raw, dict):
-        raise LorakitError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise RecipeKeyError(f"unknown key {prefix}{key}{_suggestion(key, prefix, names)}", f"{prefix}{key}")
-        section = SECTIONS.get(key) if cls is Recipe else None
-        if section is not None:
-            kwargs[key] = build(section, value, f"{key}.")
-        else:
-            kwargs[key] = _check(value, hints[key], f"{prefix}{key}")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise LorakitError(f"missing key {prefix}{missing[0]}")
-    return cls(**kwargs)
-
-
-def _check(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` if it fits type `tp` (a float field also takes "2e-4", which YAML reads as a string)."""
-    if tp is float and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if _fits(value, tp):
-        if tp is float and not math.isfinite(value):  # YAML's .nan and .inf are floats too
-            raise RecipeKeyError(f"{key} must be a finite number, got {value!r}", key)
-        return float(value) if tp is float else value
-    raise RecipeKeyError(f"{key} must be {_describe(tp)}, got {value!r}", key)
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
-
-

@@ -1,0 +1,18 @@
+"""Recipes: the settings (settings.py: dataclasses, every default) and reading them from YAML with the
+command line's overrides (loading.py)."""
+
+from .loading import ALIASES, SECTIONS, RecipeKeyError, load_recipe
+from .settings import (
+    OUTSIDE_THE_BLOCKS,
+    REPORTS,
+    DataSettings,
+    DataSource,
+    LoraSettings,
+    QuantSettings,
+    Recipe,
+    TrainSettings,
+    output_path,
+)
+
+__all__ = ["ALIASES", "OUTSIDE_THE_BLOCKS", "REPORTS", "SECTIONS", "DataSettings", "DataSource", "LoraSettings",
+           "QuantSettings", "Recipe", "RecipeKeyError", "TrainSettings", "load_recipe", "output_path"]
