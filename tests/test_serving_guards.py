@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from lorakit.inference import guards
 from lorakit.inference import serve as serving
 
 
@@ -22,7 +23,7 @@ def _running(app, host="127.0.0.1"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(serving.server_config(app, host, port, log_level="warning"))
+    server = uvicorn.Server(guards.server_config(app, host, port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -57,7 +58,7 @@ def test_a_loopback_server_answers_only_requests_addressed_to_loopback(models_ap
 
 
 def test_a_socket_that_never_finishes_its_headers_is_closed(monkeypatch):
-    monkeypatch.setattr(serving, "HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 1.0)
     server, thread, port = _running(serving.base_app(["base"], serving.MAX_BODY))
     try:
         slow = socket.create_connection(("127.0.0.1", port))

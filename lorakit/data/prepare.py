@@ -31,7 +31,16 @@ from .blocks import IGNORE, Example, first_fit, row, stream_blocks
 from .chat import end_of_turn
 from .files import Source
 from .mix import describe, mix
-from .sources import Part, Prepared, as_raw, dataset, fingerprint, fingerprint_parts, plan, raw
+from .sources import (
+    Part,
+    Prepared,
+    as_raw,
+    dataset,
+    fingerprint,
+    fingerprint_parts,
+    plan,
+    raw,
+)
 from .specials import literal_note
 from .stream import first_examples, load_examples, streaming, to_rows  # noqa: F401  (this module's API too)
 from .tokenize import TokenizeSettings, tokenize_batch

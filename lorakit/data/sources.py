@@ -14,7 +14,14 @@ from ..errors import LorakitError, first_line
 from ..recipe import Recipe
 from ..system.hub import hub_reachable
 from .chat import template_system_prompt
-from .files import RECORD_SUFFIXES, TEXT_SUFFIXES, Source, fingerprint_files, raw_records, resolve
+from .files import (
+    RECORD_SUFFIXES,
+    TEXT_SUFFIXES,
+    Source,
+    fingerprint_files,
+    raw_records,
+    resolve,
+)
 from .tokenize import TokenizeSettings, pieces
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .blocks import Example
-from .specials import encode_text
 from .files import (
     TEXT_SUFFIXES,
     Record,
@@ -17,6 +16,7 @@ from .files import (
     read_records,
     read_text,
 )
+from .specials import encode_text
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,13 @@ import torch
 
 from ..errors import LorakitError
 from ..log import say
-from .folders import apply_adapter, base_of, check_adapter_folder, inputs_of, read_manifest
+from .folders import (
+    apply_adapter,
+    base_of,
+    check_adapter_folder,
+    inputs_of,
+    read_manifest,
+)
 from .loading import load_model, load_tokenizer
 from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging
