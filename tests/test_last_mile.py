@@ -199,3 +199,20 @@ def test_recipe_keys_still_load(work):
     """The aliases only point: a recipe with lorakit's own keys loads as before."""
     recipe = load_recipe(write_recipe(work / "r.yaml", "stage: cpt\nmodel: m\ndata: {path: x}\ntrain: {lr: 1.0e-4}\n"))
     assert recipe.train.lr == 1e-4
+
+
+def test_a_failed_vllm_start_is_reported_by_its_root_cause_not_its_last_line():
+    from lorakit.inference.vllm import root_cause
+
+    log = "\n".join([
+        "(APIServer pid=7) INFO 12-03 10:02:09 [api_server.py:1] vLLM API server version 0.32.0",
+        "(VllmWorker-0 pid=9) ERROR 12-03 10:02:34 [multiproc_executor.py:953] WorkerProc failed to start.",
+        "(VllmWorker-0 pid=9) ERROR 12-03 10:02:34 [multiproc_executor.py:953] Traceback (most recent call last):",
+        "(VllmWorker-0 pid=9) ERROR 12-03 10:02:34 [multiproc_executor.py:953] ValueError: Available memory on node 0 "
+        "(7.37/8.96 GiB) on startup is less than desired CPU memory utilization (0.99, 8.87 GiB).",
+        "(EngineCore pid=8) ERROR 12-03 10:02:36 [core.py:1510] EngineCore failed to start.",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}",
+    ])
+    assert root_cause(log) == ("ValueError: Available memory on node 0 (7.37/8.96 GiB) on startup is less than "
+                               "desired CPU memory utilization (0.99, 8.87 GiB).")
+    assert root_cause("starting\nKilled") == "starting | Killed"

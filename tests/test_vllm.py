@@ -164,3 +164,15 @@ def test_when_lorakit_serve_ends_vllm_and_its_workers_end_too(adapters, tmp_path
     while ours() and time.time() < deadline:
         time.sleep(1)
     assert ours() == []
+
+
+def test_a_vllm_that_cannot_start_is_one_line_naming_its_root_cause(adapters):
+    """vLLM's own last words are "Engine core initialization failed. See root cause above"; lorakit says
+    the cause (here: more memory asked of the CPU backend than there is)."""
+    model, _ = adapters
+    done = subprocess.run([sys.executable, "-m", "lorakit", "serve", "--engine", "vllm", "--vllm", VLLM, "--model",
+                           str(model), "--port", str(_free_port()), *ENGINE_OPTIONS, "--gpu-memory-utilization", "0.99"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("error: vLLM exited"), done.stderr[-3000:]
+    assert "ValueError: " in last and "gpu-memory-utilization" in last and "See root cause above" not in last

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -137,6 +138,22 @@ def _supported_rank(rank: int) -> int:
     raise LorakitError(f"a flattened adapter has rank {rank}, more than vLLM's largest (512)")
 
 
+_PREFIX = re.compile(r"^\([^)]*\)\s+(?:ERROR|WARNING|INFO|DEBUG|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s?")
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)")
+_CONSEQUENCES = ("Engine core initialization failed", "See root cause above", "WorkerProc failed to start")
+
+
+def root_cause(log: str) -> str:
+    """The first exception vLLM's processes logged: the cause, where the log's last lines only say
+    "Engine core initialization failed. See root cause above" (one process's error fails the others)."""
+    lines = [_PREFIX.sub("", line).strip() for line in log.splitlines()]
+    for line in lines:
+        match = _EXCEPTION.match(line)
+        if match and not any(c in line for c in _CONSEQUENCES):
+            return f"{match[1]}: {match[2]}"
+    return " | ".join([line for line in lines if line][-3:])
+
+
 def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
     """Start vLLM and wait until it answers (or died, with the end of its log in the message)."""
     say(f"starting vLLM (its log: {log}): {' '.join(args)}")
@@ -147,9 +164,8 @@ def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
                 raise LorakitError(f"vLLM exited (code {process.returncode}) before it served: "
-                                   f"{' | '.join(tail)[-600:]}")
+                                   f"{root_cause(log.read_text(errors='replace'))[-600:]} (its log: {log})")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
                 return process
