@@ -6,8 +6,9 @@ A 1 GB text corpus is about 250 M tokens (about 4 bytes a token with a BPE vocab
 hold input_ids, labels and position_ids as int32 (12 bytes a token: about 3 GB). This writes an entry of
 that size in lorakit's row layout (random ids, 1024-token rows, written with pyarrow straight from numpy:
 tokenizing a real gigabyte takes far longer and changes nothing here), seals it as lorakit does
-(data/cache.py: xxh3 of every Arrow file in meta.json), then times, each in a fresh process so that the
-page cache is what it would be for the next `lorakit train`:
+(data/cache.py: xxh3 of every Arrow file in meta.json), then times, each in a fresh process, with the page
+cache warm (the entry just written: a second run soon after the first) or, with --cold, dropped before
+each step (as after a reboot):
   - damage(): the check that runs every time an entry is read (size, then xxh3 of every byte),
   - opening the rows as the Trainer does (datasets.Dataset.from_file, memory-mapped),
   - one pass over every row's input_ids (a lower bound on what one epoch reads).
@@ -52,7 +53,10 @@ def write_entry(folder: Path, tokens: int) -> None:
     cache.seal(folder, {"stats": {"rows": rows, "tokens": rows * ROW}, "notes": [], "created": "bench", "seconds": 0})
 
 
-def timed(step: str, folder: Path) -> float:
+def timed(step: str, folder: Path, cold: bool) -> float:
+    if cold:  # the first run after a reboot, or after other files pushed the entry out of memory (root only)
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     code = f"import time; from pathlib import Path; p = Path({str(folder)!r}); t = time.perf_counter(); {STEPS[step]}; " \
            f"print(time.perf_counter() - t)"
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
@@ -62,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus-gb", type=float, default=1.0)
     parser.add_argument("--bytes-per-token", type=float, default=4.0)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each step (needs root)")
     args = parser.parse_args()
     tokens = int(args.corpus_gb * 1e9 / args.bytes_per_token)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as work:
@@ -71,7 +76,8 @@ def main() -> None:
         size = (folder / "train.arrow").stat().st_size
         print(f"entry for a {args.corpus_gb:g} GB corpus: {tokens / 1e6:.0f} M tokens, {size / 2**30:.2f} GiB of rows "
               f"(written and sealed in {time.perf_counter() - start:.1f} s)")
-        results = {step: [timed(step, folder) for _ in range(3)] for step in STEPS}
+        results = {step: [timed(step, folder, args.cold) for _ in range(3)] for step in STEPS}
+        print(f"page cache: {'dropped before each step' if args.cold else 'warm (the entry was just written)'}")
         print("| step | seconds (3 runs) | median |\n|---|---|---|")
         for step, values in results.items():
             print(f"| {step} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")

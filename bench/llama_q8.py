@@ -16,6 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# bench/gguf.py would shadow the `gguf` package that lorakit writes GGUF files with
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 DECODE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, verbose=False);"
           " print([t for _, t in zip(range(4), llm.generate([1, 5, 7], top_k=1, temp=0.0))])")
 TEXTS = ["The Orbix lamp glows amber at night.", "Quartzfield is a small village.", "<|im_start|>user\nHello<|im_end|>\n"]

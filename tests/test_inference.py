@@ -89,7 +89,9 @@ def _running(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    from lorakit.inference.guards import server_config
+
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning"))  # as `lorakit serve` serves
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -218,7 +220,7 @@ def test_a_client_that_disconnects_stops_its_generation(long_server):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(LONG).encode()
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         time.sleep(0.5)  # generating by now
     deadline = time.time() + 10
@@ -248,7 +250,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(long_server):
     url, _ = long_server
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:  # announces 20 MB, sends none of it
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 20000000\r\n\r\n")
         sock.settimeout(10)
         reply = b""

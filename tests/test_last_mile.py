@@ -216,3 +216,33 @@ def test_a_failed_vllm_start_is_reported_by_its_root_cause_not_its_last_line():
     assert root_cause(log) == ("ValueError: Available memory on node 0 (7.37/8.96 GiB) on startup is less than "
                                "desired CPU memory utilization (0.99, 8.87 GiB).")
     assert root_cause("starting\nKilled") == "starting | Killed"
+
+
+def _full_disk(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form, where", [("gguf", "lorakit.weights.gguf.write_model"),
+                                         ("adapter", "lorakit.weights.flatten.record_base"),
+                                         ("model", "lorakit.weights.export.set_stop_tokens")])
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(work, on_a_full_model, monkeypatch, form, where):
+    folder, _ = on_a_full_model
+    monkeypatch.setattr(where, _full_disk)
+    line = _error(lorakit("export", folder / "lora", "--format", form, "-o", work / "out", expect=1))
+    assert line.startswith(f"error: writing {work / 'out'} failed (No space left on device); nothing was kept")
+    assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_a_full_disk_while_preparing_data_is_one_line(work, tiny_base, monkeypatch):
+    from lorakit.data import prepare as preparing
+
+    write_jsonl(work / "docs.jsonl", [{"text": d} for d in DOCS])
+    monkeypatch.setattr(preparing, "_write_rows", _full_disk)
+    recipe = write_recipe(work / "r.yaml", f"stage: cpt\nmodel: {tiny_base}\ndata: {{path: docs.jsonl, cache_dir: "
+                                           f"{work / 'cache'}}}\n")
+    line = _error(lorakit("data", "prepare", recipe, expect=1))
+    assert line.startswith(f"error: preparing the data in {work / 'cache'}: No space left on device; nothing was kept")
+    assert [p for p in (work / "cache").iterdir() if not p.name.endswith(".lock")] == []

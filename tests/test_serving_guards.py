@@ -4,40 +4,22 @@ server, and a socket that never finishes its headers is closed."""
 
 import json
 import socket
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from test_inference import _post, _running
 
 from lorakit.inference import guards
 from lorakit.inference import serve as serving
 
 
-def _running(app, host="127.0.0.1"):
-    """The app served exactly as `lorakit serve` serves it (server_config), on a free loopback port."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(guards.server_config(app, host, port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return server, thread, port
-
-
 @pytest.fixture
 def models_app():
-    server, thread, port = _running(serving.base_app(["base"], serving.MAX_BODY))
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with _running(serving.base_app(["base"], serving.MAX_BODY)) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def _get(port, path, host):
@@ -59,17 +41,14 @@ def test_a_loopback_server_answers_only_requests_addressed_to_loopback(models_ap
 
 def test_a_socket_that_never_finishes_its_headers_is_closed(monkeypatch):
     monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 1.0)
-    server, thread, port = _running(serving.base_app(["base"], serving.MAX_BODY))
-    try:
+    with _running(serving.base_app(["base"], serving.MAX_BODY)) as url:
+        port = int(url.rsplit(":", 1)[1])
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127")
         slow.settimeout(10)
         start = time.monotonic()
         assert slow.recv(100) == b"" and time.monotonic() - start < 5  # closed by the server, not answered
         assert _get(port, "/v1/models", "127.0.0.1")[0] == 200  # and the server goes on
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +56,8 @@ def bare(tiny_instruct):
     from lorakit.inference.session import Session
 
     session = Session(str(tiny_instruct), {}, "cpu", torch.float32)
-    server, thread, port = _running(serving.create_app(session, max_input_tokens=512))
-    yield session, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def _post(url, body):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    with _running(serving.create_app(session, max_input_tokens=512)) as url:
+        yield session, url
 
 
 def test_a_tiny_temperature_never_fails_its_own_request_or_the_ones_batched_with_it(bare):

@@ -65,8 +65,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def checksum(path: Path) -> str:
-    """xxh3 of a file's bytes: about 0.5 s a gigabyte from disk, a fraction of that from the page cache
-    (bench/cache_check.py), against the minutes it took to tokenize."""
+    """xxh3 of a file's bytes: 2.5 s for a 1 GB corpus's 2.8 GiB of rows from this project's disk, 0.34 s from
+    the page cache (bench/cache_check.py), against the minutes it took to tokenize."""
     import xxhash
 
     digest = xxhash.xxh3_128()

@@ -66,7 +66,7 @@ def export(sources: list[str], out: Path, settings: ExportSettings = ExportSetti
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
     # chat-tuned anywhere in the chain, or a chat model to begin with
     manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or tokenizer.eos_token == "<|im_end|>"
-    with staging(out) as folder:
+    with staging(out, shown=step_of) as folder:
         set_stop_tokens(merged, tokenizer, chat)
         merged.to(target).save_pretrained(folder, max_shard_size=settings.shard_size)
         tokenizer.save_pretrained(folder)

@@ -15,6 +15,7 @@ A folder left by a process that died (killed mid-write) is removed by the next w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -96,9 +97,10 @@ def _names(names: list[str], most: int = 4) -> str:
 
 
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
+def staging(out: Path, shown: Path | None = None) -> Iterator[Path]:
     """A fresh folder beside `out` (same file system, so the final rename is atomic), removed unless
-    it was published. Leftovers of dead writers beside `out` are swept first."""
+    it was published. Leftovers of dead writers beside `out` are swept first. A full disk while it is
+    written is one line naming `shown` (the output the user asked for, where `out` is a step of it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep(out.parent)
     folder = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -106,6 +108,12 @@ def staging(out: Path) -> Iterator[Path]:
     folder.mkdir()
     try:
         yield folder
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise LorakitError(f"writing {shown or out} failed ({exc.strerror}); nothing was kept (the disk filled after "
+                           f"{describe_size(folder_size(folder))} of it): free space there and run the command "
+                           f"again") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
