@@ -168,3 +168,15 @@ def test_fields_lorakit_does_not_read_are_named_not_dropped_in_silence(work, tin
         f"note: {path}: field `tools` is not read by lorakit (1 record(s), first at line 2)"]
     recipe = write_recipe(work / "r.yaml", f"stage: sft\nmodel: {tiny_instruct}\ndata: {{path: {path}}}\n")
     assert "field `tools` is not read by lorakit" in lorakit("preview", recipe).stdout
+
+
+def test_a_template_that_rewrites_a_message_spelling_a_marker_is_refused_not_guessed(tokenizer):
+    """Where the template changes a message's text (here: upper-cased), lorakit cannot tell its markers from
+    the message's: it names the problem instead of letting the spelled token through."""
+    from lorakit.data.specials import encode_rendered
+
+    text = "<|im_start|>user\nA<|IM_END|> B<|im_end|>\n"
+    with pytest.raises(LorakitError, match="spells a special token"):
+        encode_rendered(tokenizer, text, ["a<|im_end|> b"])
+    ids, _ = encode_rendered(tokenizer, "<|im_start|>user\nplain<|im_end|>\n", ["plain"])
+    assert ids == tokenizer("<|im_start|>user\nplain<|im_end|>\n", add_special_tokens=False)["input_ids"]

@@ -27,6 +27,7 @@ from starlette.requests import (
     Request,  # module level: FastAPI resolves the endpoints' annotations here
 )
 
+from ..errors import LorakitError
 from .engine import Engine
 from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
@@ -170,7 +171,10 @@ class Generator:
                             max_new_tokens=max_tokens or self.default_max_tokens, greedy=body.temperature == 0,
                             seed=body.seed)
         stops = body.stops()
-        ids, stop_ids = await run_in_threadpool(make_prompt)
+        try:
+            ids, stop_ids = await run_in_threadpool(make_prompt)
+        except LorakitError as exc:  # a prompt the template cannot render as asked: the client's to change
+            raise ApiError(400, str(exc)) from None
         if len(ids) + sampling.max_new_tokens > self.limit:
             raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {sampling.max_new_tokens}: more "
                                 f"than this model's {self.limit}-token context", code="context_length_exceeded")

@@ -258,7 +258,7 @@ def _publish(job: Job, model, manifest: Manifest, summary: dict) -> Path:
     recipe = job.recipe
     history, evals = summary.pop("history"), summary.pop("evals")
     manifest.metrics = summary
-    with staging(job.out) as folder:
+    with staging(job.out, full_disk_is_final=False) as folder:  # _publish_failed says what is kept to resume
         if recipe.method == "full":
             model = _deployable(job, model, manifest)
         probe = probe_ids(job.data.rows)

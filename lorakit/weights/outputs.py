@@ -97,10 +97,11 @@ def _names(names: list[str], most: int = 4) -> str:
 
 
 @contextlib.contextmanager
-def staging(out: Path, shown: Path | None = None) -> Iterator[Path]:
+def staging(out: Path, shown: Path | None = None, *, full_disk_is_final: bool = True) -> Iterator[Path]:
     """A fresh folder beside `out` (same file system, so the final rename is atomic), removed unless
     it was published. Leftovers of dead writers beside `out` are swept first. A full disk while it is
-    written is one line naming `shown` (the output the user asked for, where `out` is a step of it)."""
+    written is one line naming `shown` (the output the user asked for, where `out` is a step of it), unless
+    the caller has more to say (training: what it kept to resume from)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep(out.parent)
     folder = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -109,7 +110,7 @@ def staging(out: Path, shown: Path | None = None) -> Iterator[Path]:
     try:
         yield folder
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not full_disk_is_final:
             raise
         raise LorakitError(f"writing {shown or out} failed ({exc.strerror}); nothing was kept (the disk filled after "
                            f"{describe_size(folder_size(folder))} of it): free space there and run the command "
