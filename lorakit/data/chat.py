@@ -186,8 +186,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
             raise LorakitError(f"{where}: the chat template does not render assistant turns as "
                                f"'header, content, {eot}'; lorakit cannot mask its loss")
         spans.append((start, end + len(eot)))
-    ids, offsets = encode_rendered(tokenizer, text, [m["content"] for m in messages])
-    ids, offsets = ids[:max_length], offsets[:max_length]
+    ids, offsets = encode_rendered(tokenizer, text, [m["content"] for m in messages], limit=max_length)
     labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
     return Example(ids, labels, where)
 

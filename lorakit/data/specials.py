@@ -14,6 +14,7 @@ import weakref
 
 _LOCK = threading.Lock()
 _LITERAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def markers(tokenizer) -> tuple[str, ...]:
@@ -58,12 +59,30 @@ def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def encode_rendered(tokenizer, text: str, contents: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+def reach(tokenizer, tokens: int) -> int:
+    """Characters of text that surely hold the first `tokens` tokens: no token spells more than the longest
+    vocabulary entry (byte-level: a character is at least one byte), doubled for what normalization may fold."""
+    with _LOCK:
+        longest = _LONGEST.get(tokenizer)
+        if longest is None:
+            longest = _LONGEST[tokenizer] = max(len(t) for t in tokenizer.get_vocab())
+    return 2 * (tokens + 16) * longest
+
+
+def encode_rendered(tokenizer, text: str, contents: list[str],
+                    limit: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of a rendered chat `text`, in which each of `contents` (the
-    messages' texts, in order) is tokenized as text and everything else (the template) as usual.
+    messages' texts, in order) is tokenized as text and everything else (the template) as usual; with
+    `limit`, only the first `limit` tokens are wanted and only the text that can hold them is tokenized (a
+    200 MB message is not tokenized whole to keep 1024 tokens of it).
 
     Only a content that spells a marker is cut out and tokenized apart; tokenization otherwise is exactly
     the template text's own. A content the template changed (stripped, say) is looked for as changed."""
+    ids, offsets = _encode(tokenizer, text, contents, reach(tokenizer, limit) if limit else len(text))
+    return (ids[:limit], offsets[:limit]) if limit else (ids, offsets)
+
+
+def _encode(tokenizer, text: str, contents: list[str], chars: int) -> tuple[list[int], list[tuple[int, int]]]:
     found = markers(tokenizer)
     spans, position = [], 0
     for content in contents:
@@ -81,6 +100,8 @@ def encode_rendered(tokenizer, text: str, contents: list[str]) -> tuple[list[int
             raise LorakitError("a message spells a special token (such as "
                                f"{next(m for m in found if m in content)}) and the chat template changes it, so "
                                f"it cannot be kept as text; remove the token from the message")
+    text = text[:chars]
+    spans = [(start, min(end, chars)) for start, end in spans if start < chars]
     if not spans:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
