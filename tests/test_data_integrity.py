@@ -245,3 +245,19 @@ def test_data_prepare_cli_names_a_damaged_entry(work, tiny_base):
     (entry / "train.arrow").write_bytes(b"garbage")
     result = lorakit("data", "prepare", recipe)
     assert "is damaged" in result.stderr and cache.damage(entry) is None
+
+
+def test_a_long_document_is_held_out_or_kept_whole(work, tokenizer):
+    """data.eval_split draws documents, not the pieces a long one is tokenized in."""
+    text = " ".join(DOCS[0] + f" Part {i}." for i in range(2500))  # about four pieces
+    write_jsonl(work / "long.jsonl", [{"text": text}] + [{"text": f"{DOCS[1]} {i}"} for i in range(3)])
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for seed in range(4):  # whichever side the long document falls on, it is whole there
+        recipe = load_recipe(write_recipe(work / "r.yaml", json.dumps({
+            "stage": "cpt", "model": "m", "train": {"seed": seed},
+            "data": {"path": "long.jsonl", "max_length": 32, "eval_split": 0.25, "cache_dir": str(work / "cache")}})))
+        prepared = prepare(recipe, tokenizer)
+        sides = [[t for r in rows for t in r] for rows in (_ids(prepared.rows), _ids(prepared.eval_rows))]
+        holding = [side for side in sides if whole[:50] == side[:50] or any(
+            side[i:i + 50] == whole[:50] for i in range(0, len(side) - 50))]
+        assert len(holding) == 1 and len(holding[0]) >= len(whole)

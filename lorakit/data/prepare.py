@@ -30,7 +30,7 @@ from . import cache
 from .blocks import IGNORE, Example, first_fit, row, stream_blocks
 from .chat import end_of_turn
 from .files import Source
-from .mix import describe, mix
+from .mix import describe, mix, units
 from .sources import (
     Part,
     Prepared,
@@ -140,7 +140,7 @@ def _build(partial: Path, recipe: Recipe, parts: list[Part], eval_source: Source
         held_out = _checked(_tokenized(eval_source, partial / "work-eval", tokenizer, settings, num_proc), settings,
                             tokenizer, [], eval_source.label)
     elif data.eval_split > 0:  # each source gives its share, before mixing, so no example is in both
-        split = [_split(e, data.eval_split, recipe.train.seed) for e in examples]
+        split = [_split(e, data.eval_split, recipe.train.seed, settings.stage) for e in examples]
         examples, held_out = [kept for kept, _ in split], _concatenated([held for _, held in split])
         notes.append(f"{len(held_out)} of {sum(len(e) for e in examples) + len(held_out)} examples held out for "
                      f"evaluation")
@@ -233,13 +233,16 @@ def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], 
     return kept
 
 
-def _split(examples, share: float, seed: int):
-    """A seeded random share of the examples (at least one) held out; the rest keep their order."""
-    if len(examples) < 2:
-        raise LorakitError(f"data.eval_split needs at least 2 examples, found {len(examples)}")
-    count = min(len(examples) - 1, max(1, round(share * len(examples))))
-    held = set(random.Random(seed).sample(range(len(examples)), count))
-    return (examples.select([i for i in range(len(examples)) if i not in held]), examples.select(sorted(held)))
+def _split(examples, share: float, seed: int, stage: str):
+    """A seeded random share of the examples (at least one) held out; the rest keep their order. A CPT
+    document tokenized in pieces is held out or kept whole (mix.units)."""
+    ranges = units(examples, stage)
+    if len(ranges) < 2:
+        raise LorakitError(f"data.eval_split needs at least 2 examples, found {len(ranges)}")
+    count = min(len(ranges) - 1, max(1, round(share * len(ranges))))
+    held = set(random.Random(seed).sample(range(len(ranges)), count))
+    pick = lambda keep: [i for k, (a, b) in enumerate(ranges) if (k in held) != keep for i in range(a, b)]  # noqa: E731
+    return examples.select(pick(True)), examples.select(pick(False))
 
 
 def _iter_examples(examples, order: list[int] | None = None) -> Iterator[Example]:
