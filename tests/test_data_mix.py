@@ -132,3 +132,15 @@ def test_a_mixed_run_records_each_sources_share_in_the_manifest(work, tiny_base)
     shares = {s["path"]: s["share"] for s in manifest["data"]["sources"]}
     assert shares == {"domain.jsonl": 0.8, "general.jsonl": 0.2}
     assert manifest["data"]["path"][1]["field"] == "body"
+
+
+def test_a_new_seed_is_a_new_draw_even_for_one_weighted_source(work, tokenizer):
+    """The mixed rows depend on train.seed (drawn and shuffled): another seed is another cache entry."""
+    _chats(work, "a", 9, "Orbix")
+    entries = set()
+    for seed in (1, 2):
+        recipe = load_recipe(write_recipe(work / "r.yaml", json.dumps({
+            "stage": "sft", "model": "m", "train": {"seed": seed},
+            "data": {"path": [{"path": "a.jsonl", "weight": 1}], "max_length": 64, "cache_dir": str(work / "cache")}})))
+        entries.add(prepare(recipe, tokenizer).location)
+    assert len(entries) == 2

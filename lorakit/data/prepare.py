@@ -43,7 +43,7 @@ from .sources import (
 )
 from .specials import literal_note
 from .stream import first_examples, load_examples, streaming, to_rows  # noqa: F401  (this module's API too)
-from .tokenize import TokenizeSettings, tokenize_batch
+from .tokenize import BATCH, TokenizeSettings, tokenize_batch
 
 WRITE_ROWS = 256  # rows buffered before they are written (a 1024-token row is 12 KB)
 
@@ -58,7 +58,7 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
         return streaming(recipe, parts[0].source, eval_source, tokenizer, parts[0].settings, data_hash)
     key = cache.cache_key({"data": data_hash, "eval": fingerprint(eval_source) if eval_source else None,
                            "eval_split": data.eval_split, "seed": recipe.train.seed if data.eval_split or
-                           len(parts) > 1 else None, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+                           _mixes(parts) else None, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "stage": stage, "max_length": data.max_length, "packing": data.packing,
                            "system_prompt": settings.system_prompt, "field": data.field})
     root = (Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()).resolve()
@@ -68,17 +68,15 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
 
 def _entry(root: Path, key: str, build) -> Path:
     """The cache entry for `key`: found (and whole), waited for (ranks other than 0), or built now."""
-    found = cache.entry(root, key)
-    if found is not None and not is_main():
+    if not is_main():  # rank 0 prepares (or repairs) it; wait_for takes only a whole entry
         return cache.wait_for(root, key)
+    found = cache.entry(root, key)
     if found is not None:
         why = cache.damage(found)
         if why is None:
             cache.announce_hit(found, cache.read_meta(found))
             return found
         cache.discard(found, why)
-    if not is_main():
-        return cache.wait_for(root, key)
     with cache.preparing(cache.open_root(root), key) as partial:
         if partial is None:  # another process prepared it while this one waited for the lock
             found = cache.entry(root, key)
@@ -98,9 +96,7 @@ def _one_line(root: Path):
     except LorakitError:
         raise
     except Exception as exc:  # noqa: BLE001  (datasets wraps whatever its generator or workers raised)
-        cause = exc
-        while cause is not None and not isinstance(cause, LorakitError):
-            cause = cause.__cause__ or cause.__context__
+        cause = next((e for e in _chain(exc) if isinstance(e, LorakitError)), None)
         if cause is not None:
             raise LorakitError(str(cause)) from None
         os_error = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno), None)
@@ -145,7 +141,7 @@ def _build(partial: Path, recipe: Recipe, parts: list[Part], eval_source: Source
         notes.append(f"{len(held_out)} of {sum(len(e) for e in examples) + len(held_out)} examples held out for "
                      f"evaluation")
     sources = None
-    if len(parts) > 1 or parts[0].weight is not None:
+    if _mixes(parts):
         weights = [p.weight for p in parts] if parts[0].weight is not None else None
         mixed, sources = mix(examples, [p.source.label for p in parts], weights, recipe.train.seed, settings.stage)
         notes.append(describe(sources, settings.stage))
@@ -165,6 +161,11 @@ def _build(partial: Path, recipe: Recipe, parts: list[Part], eval_source: Source
     for work in partial.glob("work*"):
         shutil.rmtree(work, ignore_errors=True)
     say(f"data: prepared in {time.perf_counter() - start:.1f} s")
+
+
+def _mixes(parts: list[Part]) -> bool:
+    """Several sources, or weights: the rows are drawn and shuffled (seeded), not read as they are."""
+    return len(parts) > 1 or parts[0].weight is not None
 
 
 def _concatenated(datasets_: list):
@@ -194,7 +195,7 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
     parallel = num_proc if num_proc > 1 and len(records) > 256 else None  # 1: in this process, no pool
     if parallel:
         children_die_with_me()
-    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=parallel,
+    return records.map(tokenize_batch, batched=True, batch_size=BATCH, num_proc=parallel,
                        fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
                        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
                        desc="tokenizing")

@@ -15,13 +15,19 @@ import weakref
 _LOCK = threading.Lock()
 _LITERAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def markers(tokenizer) -> tuple[str, ...]:
-    """Every string the tokenizer turns into one added token (special or not) wherever it appears."""
-    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    found = {token.content for token in decoder.values()} | set(getattr(tokenizer, "all_special_tokens", []))
-    return tuple(sorted((m for m in found if m), key=len, reverse=True))
+    """Every string the tokenizer turns into one added token (special or not) wherever it appears; read once
+    per tokenizer (it is asked for every record)."""
+    with _LOCK:
+        found = _MARKERS.get(tokenizer)
+        if found is None:
+            decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+            spelled = {t.content for t in decoder.values()} | set(getattr(tokenizer, "all_special_tokens", []))
+            found = _MARKERS[tokenizer] = tuple(sorted((m for m in spelled if m), key=len, reverse=True))
+        return found
 
 
 def holds_markers(tokenizer, texts) -> bool:
@@ -51,9 +57,10 @@ def _literal_backend(tokenizer):
         return backend
 
 
-def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of plain texts (CPT documents), special-token spellings included as text."""
-    if not holds_markers(tokenizer, texts):
+def encode_text(tokenizer, texts: list[str], spelled: bool | None = None) -> list[list[int]]:
+    """Token ids of plain texts (CPT documents), special-token spellings included as text. `spelled`: whether
+    any text spells a marker, when the caller has looked already."""
+    if not (holds_markers(tokenizer, texts) if spelled is None else spelled):
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     backend = _literal_backend(tokenizer)
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]

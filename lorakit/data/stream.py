@@ -14,9 +14,7 @@ from .chat import load_conversations, tokenize_conversations
 from .files import Source
 from .sources import Prepared, as_raw, dataset, plan, raw
 from .text import load_documents, tokenize_documents
-from .tokenize import TokenizeSettings, tokenize_batch
-
-WRITE_ROWS = 256
+from .tokenize import BATCH, TokenizeSettings, tokenize_batch
 
 
 def first_examples(recipe: Recipe, tokenizer, count: int) -> list[Example]:
@@ -52,12 +50,12 @@ def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> I
     batch = {"where": [], "raw": [], "continues": []}
     records = raw(list(source.files), settings) if source.files else \
         (dict(zip(out, values)) for out in dataset(source).map(
-            as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label}).iter(batch_size=WRITE_ROWS)
+            as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label}).iter(batch_size=BATCH)
          for values in zip(*out.values()))
     for record in records:
         for name in batch:
             batch[name].append(record[name])
-        if len(batch["where"]) == WRITE_ROWS:
+        if len(batch["where"]) == BATCH:
             yield from _examples_of(batch, tokenizer, settings)
             batch = {"where": [], "raw": [], "continues": []}
     if batch["where"]:

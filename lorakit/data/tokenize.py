@@ -62,14 +62,15 @@ def _documents(batch: dict, tokenizer, settings: TokenizeSettings, out: dict) ->
         except LorakitError as exc:
             texts.append("")
             errors.append(str(exc))
-    encoded = encode_text(tokenizer, texts)
+    spelled = [holds_markers(tokenizer, [text]) for text in texts]
+    encoded = encode_text(tokenizer, texts, spelled=any(spelled))
     eos = tokenizer.eos_token_id
-    for text, ids, error, more in zip(texts, encoded, errors, continues):
+    for text, ids, error, more, literal in zip(texts, encoded, errors, continues, spelled):
         if more:  # a piece of a long document: the next piece goes on where this one stops
             kept = ids
         else:
             kept = ids + [eos] if text.strip() else []  # an empty document is dropped
-        _add(out, kept, [], error, [], True, holds_markers(tokenizer, [text]), bool(more))
+        _add(out, kept, [], error, [], True, literal, bool(more))
 
 
 def _record(where: str, raw: str, field: str | None, standard: str) -> Record:
@@ -97,6 +98,8 @@ def _failed(out: dict, error: str) -> None:
     _add(out, [], [], error, [], False)
 
 
+BATCH = 256
+"""Records tokenized at once (datasets.map's batch, and the streaming path's)."""
 PIECE_CHARS = 1 << 16
 """CPT documents longer than this many characters are tokenized in pieces (cut at a space), so that
 what one record holds never sets how much memory tokenizing takes: one 200 MB record once took 23 GB."""
