@@ -6,11 +6,8 @@ from conftest import lorakit, write_jsonl, write_recipe
 from transformers import AutoTokenizer
 
 from lorakit.data.blocks import IGNORE, pack_examples
-from lorakit.data.chat import (
-    load_conversations,
-    template_system_prompt,
-    tokenize_conversations,
-)
+from lorakit.data.chat import load_conversations, tokenize_conversations
+from lorakit.data.template import template_system_prompt
 from lorakit.data.preview import spans
 from lorakit.errors import LorakitError
 
@@ -185,11 +182,12 @@ def test_a_template_that_rewrites_a_message_spelling_a_marker_is_refused_not_gue
 def test_a_huge_message_is_tokenized_only_as_far_as_max_length_reaches(work, tokenizer):
     """The first max_length tokens, exactly as tokenizing the whole conversation gives them, without
     tokenizing all of a message of a million characters."""
-    from lorakit.data.chat import render_text, tokenize_conversation
+    from lorakit.data.chat import tokenize_conversation
+    from lorakit.data.template import render as render_text
 
     talk = [{"role": "user", "content": "Tell me everything."},
             {"role": "assistant", "content": " ".join(["The lamp glows amber at night."] * 35_000)}]
-    example = tokenize_conversation(tokenizer, talk, 64, "here")
+    [example] = tokenize_conversation(tokenizer, talk, 64, "here")
     whole = tokenizer(render_text(tokenizer, talk), add_special_tokens=False)["input_ids"]
     assert len(whole) > 100_000 and example.input_ids == whole[:64]
     assert [t for t in example.labels if t != IGNORE] == whole[64 - len([t for t in example.labels if t != IGNORE]):64]

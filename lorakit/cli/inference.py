@@ -47,7 +47,7 @@ def _reply(session, messages, system, sampling) -> str:
 
     with session.active() as lm:
         return chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
-                          sampling)
+                          sampling, session.style())
 
 
 def _chat_loop(session, system, sampling) -> None:

@@ -1,9 +1,9 @@
 """Chat SFT data: records (messages, ShareGPT, Alpaca) -> checked messages -> template -> masked labels.
 
-Labels cover each assistant turn's content and its closing end-of-turn token (`<|im_end|>` for
-ChatML); system and user turns, and the `<|im_start|>assistant\\n` header, are masked. The spans come
-from the model's own chat template: the text rendered up to the generation prompt before a turn is
-where the turn starts, and the template's end-of-turn token closes it.
+Labels cover what the model writes for each assistant turn: its content and the special token that
+closes it (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), and a reasoning block
+the template writes before the content; system and user turns and the turn headers are masked. The
+spans come from the model's own chat template (template.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ from ..errors import LorakitError
 from .blocks import IGNORE, Example
 from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records
 from .specials import encode_rendered
+from .template import (
+    PLAIN,
+    Style,
+    end_of_turn,
+    rendered_examples,
+    with_bos,
+    with_system,
+)
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
@@ -25,7 +33,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
 # in a note, so that nothing a user put in the data is dropped without a word.
 READ = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
         "alpaca": {"instruction", "input", "output", "system", "history"}}
-MESSAGE_READ = {"messages": {"role", "content"}, "sharegpt": {"from", "value"}}
+MESSAGE_READ = {"messages": {"role", "content", "reasoning_content"}, "sharegpt": {"from", "value"}}
 
 
 class Conversations(NamedTuple):
@@ -136,72 +144,46 @@ def _checked(messages: Any, where: str, field: str) -> list[dict]:
                                f"{type(content).__name__ if content is not None else 'nothing'}")
         check_unicode(content, where, f"messages[{i}].content")
         checked.append({"role": role, "content": content})
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and role == "assistant":
+            if not isinstance(reasoning, str):
+                raise LorakitError(f"{where}: messages[{i}].reasoning_content must be a string")
+            check_unicode(reasoning, where, f"messages[{i}].reasoning_content")
+            checked[-1]["reasoning_content"] = reasoning
     if not any(m["role"] == "assistant" for m in checked):
         raise LorakitError(f"{where}: no assistant turn to train on")
     return checked
 
 
-def template_system_prompt(tokenizer) -> str | None:
-    """The system prompt the chat template inserts by itself (Qwen2: "You are a helpful assistant.")."""
-    probe = [{"role": "user", "content": "PROBE"}]
-    marker = "SYSTEM-MARKER"
-    bare = render_text(tokenizer, probe)
-    head, found, tail = render_text(tokenizer, [{"role": "system", "content": marker}] + probe).partition(marker)
-    if not found or not bare.startswith(head):
-        return None
-    end = bare.find(tail, len(head))
-    return bare[len(head):end] if end >= 0 else None
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str,
+                          style: Style = PLAIN) -> list[Example]:
+    """Token ids and labels of one conversation (one example, or more where the template renders an earlier
+    turn otherwise once later turns follow: template.rendered_examples), each truncated to max_length."""
+    examples = []
+    for text, spans in rendered_examples(tokenizer, messages, where, style):
+        contents = [m["content"] for m in style.messages(messages)]
+        ids, offsets = encode_rendered(tokenizer, text, contents, limit=max_length)
+        labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
+        lead = with_bos(tokenizer, ids)
+        if len(lead) > len(ids):  # BOS the template did not write, as the tokenizer would lead with it
+            ids, labels = lead[:max_length], ([IGNORE] + labels)[:max_length]
+        examples.append(Example(ids, labels, where))
+    return examples
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Insert the system prompt when the conversation has none, so training and inference agree."""
-    if system_prompt is None or messages[0]["role"] == "system":
-        return messages
-    return [{"role": "system", "content": system_prompt}] + messages
-
-
-def render_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorakitError("the tokenizer has no chat template; SFT needs one (Qwen2's ChatML)")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def end_of_turn(tokenizer) -> str:
-    """The token that closes a turn: ChatML's <|im_end|>, else the tokenizer's EOS."""
-    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str) -> Example:
-    """Token ids and labels of one conversation, truncated to max_length."""
-    text = render_text(tokenizer, messages)
-    eot = end_of_turn(tokenizer)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render_text(tokenizer, messages[:i], generation_prompt=True)) if i else 0
-        upto = render_text(tokenizer, messages[: i + 1])
-        end = upto.rfind(eot)
-        if not text.startswith(upto) or end < start:
-            raise LorakitError(f"{where}: the chat template does not render assistant turns as "
-                               f"'header, content, {eot}'; lorakit cannot mask its loss")
-        spans.append((start, end + len(eot)))
-    ids, offsets = encode_rendered(tokenizer, text, [m["content"] for m in messages], limit=max_length)
-    labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
-    return Example(ids, labels, where)
-
-
-def tokenize_conversations(conversations, tokenizer, max_length: int, system_prompt: str | None):
+def tokenize_conversations(conversations, tokenizer, max_length: int, system_prompt: str | None,
+                           style: Style = PLAIN):
     """All conversations as examples, checked: each keeps a trained token, and end-of-turn is trained."""
-    examples = [tokenize_conversation(tokenizer, with_system(m, system_prompt), max_length, where)
-                for where, m in conversations]
+    examples = [e for where, m in conversations
+                for e in tokenize_conversation(tokenizer, with_system(m, system_prompt), max_length, where, style)]
     for example in examples:
         if all(label == IGNORE for label in example.labels):
             raise LorakitError(f"{example.where}: no assistant token is left after truncation to "
                                f"data.max_length={max_length}; raise max_length or shorten the conversation")
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    eot = end_of_turn(tokenizer, style)
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
     cut = sum(eot_id not in e.labels for e in examples)
     if cut == len(examples):
-        raise LorakitError(f"no example trains the end-of-turn token {end_of_turn(tokenizer)}: the model "
-                           f"would never learn to stop; raise data.max_length")
+        raise LorakitError(f"no example trains the end-of-turn token {eot}: the model would never learn to stop; "
+                           f"raise data.max_length")
     return examples, cut

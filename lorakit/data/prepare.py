@@ -28,7 +28,6 @@ from ..recipe import Recipe
 from ..system.processes import children_die_with_me
 from . import cache
 from .blocks import IGNORE, Example, first_fit, row, stream_blocks
-from .chat import end_of_turn
 from .files import Source
 from .mix import describe, mix, units
 from .sources import (
@@ -43,6 +42,7 @@ from .sources import (
 )
 from .specials import literal_note
 from .stream import first_examples, load_examples, streaming, to_rows  # noqa: F401  (this module's API too)
+from .template import end_of_turn, style_for
 from .tokenize import BATCH, TokenizeSettings, tokenize_batch
 
 WRITE_ROWS = 256  # rows buffered before they are written (a 1024-token row is 12 KB)
@@ -60,7 +60,8 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
                            "eval_split": data.eval_split, "seed": recipe.train.seed if data.eval_split or
                            _mixes(parts) else None, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "stage": stage, "max_length": data.max_length, "packing": data.packing,
-                           "system_prompt": settings.system_prompt, "field": data.field})
+                           "system_prompt": settings.system_prompt, "field": data.field,
+                           "reasoning": data.reasoning if stage == "sft" else None})
     root = (Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()).resolve()
     folder = _entry(root, key, lambda partial: _build(partial, recipe, parts, eval_source, tokenizer, settings))
     return _load(folder, data_hash, settings.system_prompt)
@@ -189,14 +190,14 @@ def _tokenized(source: Source, work: Path, tokenizer, settings: TokenizeSettings
         if next(raw(list(source.files), settings), None) is None:  # datasets cannot build a dataset of nothing
             raise LorakitError(f"{source.label}: no {'documents' if settings.stage == 'cpt' else 'conversations'} found")
         features = Features({"where": Value("string"), "file": Value("string"), "raw": Value("large_string"),
-                             "continues": Value("bool")})
+                             "continues": Value("bool"), "opens": Value("bool")})
         records = Dataset.from_generator(raw, gen_kwargs={"files": list(source.files), "settings": settings},
                                          features=features, cache_dir=str(work / "generator"))
     parallel = num_proc if num_proc > 1 and len(records) > 256 else None  # 1: in this process, no pool
     if parallel:
         children_die_with_me()
     return records.map(tokenize_batch, batched=True, batch_size=BATCH, num_proc=parallel,
-                       fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=["raw"],
+                       fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=records.column_names,
                        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=f"tokens-{work.name}",
                        desc="tokenizing")
 
@@ -226,7 +227,8 @@ def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], 
     if settings.stage == "sft":
         cut = len(kept) - eot
         if cut == len(kept):
-            raise LorakitError(f"no example trains the end-of-turn token {end_of_turn(tokenizer)}: the model would "
+            eot = end_of_turn(tokenizer, style_for(tokenizer, settings.reasoning))
+            raise LorakitError(f"no example trains the end-of-turn token {eot}: the model would "
                                f"never learn to stop; raise data.max_length")
         if cut:
             notes.append(f"{cut} of {len(kept)} conversations were truncated to max_length={settings.max_length} "

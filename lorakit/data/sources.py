@@ -13,7 +13,6 @@ from typing import Any
 from ..errors import LorakitError, first_line
 from ..recipe import Recipe
 from ..system.hub import hub_reachable
-from .chat import template_system_prompt
 from .files import (
     RECORD_SUFFIXES,
     TEXT_SUFFIXES,
@@ -22,6 +21,7 @@ from .files import (
     raw_records,
     resolve,
 )
+from .template import template_system_prompt
 from .tokenize import TokenizeSettings, pieces
 
 
@@ -58,7 +58,7 @@ def plan(recipe: Recipe, tokenizer) -> tuple[list[Part], Source | None, Tokenize
     system_prompt = None
     if stage == "sft":
         system_prompt = data.system_prompt if data.system_prompt is not None else template_system_prompt(tokenizer)
-    settings = TokenizeSettings(stage, data.max_length, system_prompt, data.field)
+    settings = TokenizeSettings(stage, data.max_length, system_prompt, data.field, data.reasoning)
     parts = [Part(resolve(s.path, suffixes, s.split), dataclasses.replace(settings, field=s.field), s.weight)
              for s in data.sources]
     eval_source = resolve(data.eval_path, suffixes, data.split) if data.eval_path else None
@@ -84,24 +84,26 @@ def fingerprint_parts(parts: list[Part]) -> str:
 
 def raw(files: list[Path], settings: TokenizeSettings) -> Iterator[dict]:
     """Each record as JSON text, where it came from, and (CPT) whether it is a piece of a long document
-    that the next record goes on with: a long document is handed on in pieces, never whole."""
+    that the next record goes on with, or the first piece of one (opens): a long document is handed on in
+    pieces, never whole."""
     for file in files:
         for where, text in raw_records(file):
             split = pieces(where, text, settings.field) if settings.stage == "cpt" else None
             if split is None:
-                yield {"where": where, "file": str(file), "raw": text, "continues": False}
+                yield {"where": where, "file": str(file), "raw": text, "continues": False, "opens": True}
                 continue
             key = settings.field or "text"
             for index, piece in enumerate(split):
                 yield {"where": where, "file": str(file), "raw": json.dumps({key: piece}, ensure_ascii=False),
-                       "continues": index < len(split) - 1}
+                       "continues": index < len(split) - 1, "opens": index == 0}
 
 
 def as_raw(batch: dict, indices: list[int], label: str) -> dict:
     names = list(batch)
     rows = [dict(zip(names, values)) for values in zip(*batch.values())] if names else [{} for _ in indices]
     return {"where": [f"{label} row {i + 1}" for i in indices], "file": [label] * len(indices),
-            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows], "continues": [False] * len(rows)}
+            "raw": [json.dumps(row, ensure_ascii=False, default=str) for row in rows], "continues": [False] * len(rows),
+            "opens": [True] * len(rows)}
 
 
 def dataset(source: Source):

@@ -13,6 +13,7 @@ from .blocks import Example, pack_examples, stream_blocks
 from .chat import load_conversations, tokenize_conversations
 from .files import Source
 from .sources import Prepared, as_raw, dataset, plan, raw
+from .template import style_for
 from .text import load_documents, tokenize_documents
 from .tokenize import BATCH, TokenizeSettings, tokenize_batch
 
@@ -47,7 +48,7 @@ def streaming(recipe: Recipe, source: Source, eval_source: Source | None, tokeni
 
 
 def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
-    batch = {"where": [], "raw": [], "continues": []}
+    batch = {"where": [], "raw": [], "continues": [], "opens": []}
     records = raw(list(source.files), settings) if source.files else \
         (dict(zip(out, values)) for out in dataset(source).map(
             as_raw, batched=True, with_indices=True, fn_kwargs={"label": source.label}).iter(batch_size=BATCH)
@@ -57,14 +58,14 @@ def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> I
             batch[name].append(record[name])
         if len(batch["where"]) == BATCH:
             yield from _examples_of(batch, tokenizer, settings)
-            batch = {"where": [], "raw": [], "continues": []}
+            batch = {"where": [], "raw": [], "continues": [], "opens": []}
     if batch["where"]:
         yield from _examples_of(batch, tokenizer, settings)
 
 
 def _examples_of(batch: dict, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
     out = tokenize_batch(batch, tokenizer, settings)
-    for where, ids, labels, error, more in zip(batch["where"], out["input_ids"], out["labels"], out["error"],
+    for where, ids, labels, error, more in zip(out["where"], out["input_ids"], out["labels"], out["error"],
                                                out["continues"]):
         if error:
             raise LorakitError(error)
@@ -89,7 +90,7 @@ def _stream_rows(source: Source, tokenizer, settings: TokenizeSettings, packing:
 
 # In memory, for small data: `lorakit eval`, preview and the tests.
 
-def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: str | None):
+def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: str | None, reasoning: str = "keep"):
     """Examples of a data path for a stage, the files read, and notes for the log."""
     if stage == "cpt":
         documents, files = load_documents(path)
@@ -99,7 +100,8 @@ def load_examples(stage: str, path, tokenizer, max_length: int, system_prompt: s
                  f"and were split into blocks (not cut)"] if long else []
         return examples, files, notes
     conversations, files, notes = load_conversations(path)
-    examples, cut = tokenize_conversations(conversations, tokenizer, max_length, system_prompt)
+    examples, cut = tokenize_conversations(conversations, tokenizer, max_length, system_prompt,
+                                           style_for(tokenizer, reasoning))
     notes += [f"{cut} of {len(examples)} conversations were truncated to max_length={max_length} "
               f"before their last end-of-turn token"] if cut else []
     return examples, files, notes

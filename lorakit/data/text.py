@@ -52,10 +52,13 @@ def document_text(record: Record) -> str:
 
 
 def tokenize_documents(documents: list[Document], tokenizer) -> list[Example]:
-    """Each document's tokens followed by EOS; every token is trained."""
+    """Each document's tokens (led by BOS where the tokenizer leads texts with it) followed by EOS; every
+    token is trained."""
+    from .template import with_bos
+
     eos = tokenizer.eos_token_id
-    encoded = encode_text(tokenizer, [d.text for d in documents])
-    return [Example(ids + [eos], ids + [eos], d.where) for ids, d in zip(encoded, documents)]
+    encoded = [with_bos(tokenizer, ids) + [eos] for ids in encode_text(tokenizer, [d.text for d in documents])]
+    return [Example(ids, ids, d.where) for ids, d in zip(encoded, documents)]
 
 
 def save_documents_json(folder: str | Path, out: str | Path, overwrite: bool = False) -> int:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from ..errors import LorakitError
 from .blocks import IGNORE
-from .chat import end_of_turn, to_messages, tokenize_conversation, with_system
+from .chat import to_messages, tokenize_conversation
 from .files import Record, parse
 from .specials import encode_text, holds_markers
+from .template import end_of_turn, style_for, with_bos, with_system
 from .text import document_text
 
 
@@ -24,35 +25,47 @@ class TokenizeSettings:
     system_prompt: str | None = None
     field: str | None = None
     """The record field holding the text (CPT) or the messages (SFT), when it is not `text` / `messages`."""
+    reasoning: str = "keep"
+    """data.reasoning: what conversations keep of the template's reasoning block."""
 
 
 def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
-    """Columns: input_ids, labels (empty for CPT: every token is trained), length, error, unread (fields
-    lorakit did not read), eot (the end-of-turn token is trained; SFT), literal (the record spells a special
-    token, which is tokenized as text), continues (CPT: a piece of a long document that the next row goes on)."""
-    out = {"input_ids": [], "labels": [], "length": [], "error": [], "unread": [], "eot": [], "literal": [],
-           "continues": []}
+    """Columns: where and file (of the record), input_ids, labels (empty for CPT: every token is trained),
+    length, error, unread (fields lorakit did not read), eot (the end-of-turn token is trained; SFT), literal
+    (the record spells a special token, which is tokenized as text), continues (CPT: a piece of a long
+    document that the next row goes on with). A conversation may make more than one row
+    (template.rendered_examples), the first carrying its notes."""
+    out = {"where": [], "file": [], "input_ids": [], "labels": [], "length": [], "error": [], "unread": [],
+           "eot": [], "literal": [], "continues": []}
+    files = batch.get("file") or [""] * len(batch["where"])
     if settings.stage == "cpt":
-        _documents(batch, tokenizer, settings, out)
+        _documents(batch, files, tokenizer, settings, out)
         return out
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
-    for where, raw in zip(batch["where"], batch["raw"]):
+    style = style_for(tokenizer, settings.reasoning)
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, style))
+    for where, file, raw in zip(batch["where"], files, batch["raw"]):
         try:
             messages, unread = to_messages(_record(where, raw, settings.field, "messages"))
+            if style.block is None and any("reasoning_content" in m for m in messages):
+                unread = [*unread, "messages[].reasoning_content"]  # the template writes no reasoning
             messages = with_system(messages, settings.system_prompt)
-            example = tokenize_conversation(tokenizer, messages, settings.max_length, where)
-            if all(label == IGNORE for label in example.labels):
+            examples = tokenize_conversation(tokenizer, messages, settings.max_length, where, style)
+            if all(label == IGNORE for example in examples for label in example.labels):
                 raise LorakitError(f"{where}: no assistant token is left after truncation to data.max_length="
                                    f"{settings.max_length}; raise max_length or shorten the conversation")
         except LorakitError as exc:
-            _failed(out, str(exc))
+            _failed(out, where, file, str(exc))
             continue
         literal = holds_markers(tokenizer, [m["content"] for m in messages])
-        _add(out, example.input_ids, example.labels, "", unread, eot_id in example.labels, literal)
+        for index, example in enumerate(examples):
+            _add(out, where, file, example.input_ids, example.labels, "", [] if index else unread,
+                 eot_id in example.labels, literal)
     return out
 
 
-def _documents(batch: dict, tokenizer, settings: TokenizeSettings, out: dict) -> None:
+def _documents(batch: dict, files: list[str], tokenizer, settings: TokenizeSettings, out: dict) -> None:
+    """Each document's tokens, led by BOS where the tokenizer leads every text with it (never twice: text
+    that spells it is text) and closed by EOS."""
     texts, errors = [], []
     continues = batch.get("continues") or [False] * len(batch["raw"])
     for where, raw in zip(batch["where"], batch["raw"]):
@@ -64,13 +77,16 @@ def _documents(batch: dict, tokenizer, settings: TokenizeSettings, out: dict) ->
             errors.append(str(exc))
     spelled = [holds_markers(tokenizer, [text]) for text in texts]
     encoded = encode_text(tokenizer, texts, spelled=any(spelled))
-    eos = tokenizer.eos_token_id
-    for text, ids, error, more, literal in zip(texts, encoded, errors, continues, spelled):
+    eos, first = tokenizer.eos_token_id, batch.get("opens") or [True] * len(texts)
+    for where, file, text, ids, error, more, literal, opens in zip(batch["where"], files, texts, encoded, errors,
+                                                                   continues, spelled, first):
+        if opens and text.strip():  # the first piece of a document
+            ids = with_bos(tokenizer, ids)
         if more:  # a piece of a long document: the next piece goes on where this one stops
             kept = ids
         else:
             kept = ids + [eos] if text.strip() else []  # an empty document is dropped
-        _add(out, kept, [], error, [], True, literal, bool(more))
+        _add(out, where, file, kept, [], error, [], True, literal, bool(more))
 
 
 def _record(where: str, raw: str, field: str | None, standard: str) -> Record:
@@ -82,8 +98,10 @@ def _record(where: str, raw: str, field: str | None, standard: str) -> Record:
     return Record(where, value)
 
 
-def _add(out: dict, ids: list[int], labels: list[int], error: str, unread: list[str], eot: bool,
-         literal: bool = False, continues: bool = False) -> None:
+def _add(out: dict, where: str, file: str, ids: list[int], labels: list[int], error: str, unread: list[str],
+         eot: bool, literal: bool = False, continues: bool = False) -> None:
+    out["where"].append(where)
+    out["file"].append(file)
     out["input_ids"].append(ids)
     out["labels"].append(labels)
     out["length"].append(len(ids))
@@ -94,8 +112,8 @@ def _add(out: dict, ids: list[int], labels: list[int], error: str, unread: list[
     out["continues"].append(continues)
 
 
-def _failed(out: dict, error: str) -> None:
-    _add(out, [], [], error, [], False)
+def _failed(out: dict, where: str, file: str, error: str) -> None:
+    _add(out, where, file, [], [], error, [], False)
 
 
 BATCH = 256

@@ -71,7 +71,7 @@ def _continuation(model: str | None, adapter: str | None, device: str) -> str:
 
 def _chat_answers(model: str | None, adapter: str | None, device: str) -> list[str]:
     """Greedy chat answers to the demo questions (what SFT teaches), with the recorded system prompt."""
-    from ..data.chat import template_system_prompt
+    from ..data.template import template_system_prompt
     from ..inference.generate import Sampling, chat_reply
 
     lm, tokenizer, manifest = _load(model, adapter, device)

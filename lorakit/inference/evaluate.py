@@ -52,11 +52,12 @@ def perplexities(session, path: str, max_length: int, batch_size: int = 4) -> li
     for name in session.names:
         session.use(name)
         system = session.system_prompt() if kind == "sft" else None
-        if system not in rows:
-            examples = load_examples(kind, path, session.tokenizer, max_length, system)[0]
-            rows[system] = to_rows(kind, examples, max_length, packing=True)
+        key = (system, session.style().reasoning)
+        if key not in rows:
+            examples = load_examples(kind, path, session.tokenizer, max_length, system, key[1])[0]
+            rows[key] = to_rows(kind, examples, max_length, packing=True)
         with session.active() as model:
-            loss, tokens = mean_loss(model, rows[system], session.tokenizer.pad_token_id, batch_size)
+            loss, tokens = mean_loss(model, rows[key], session.tokenizer.pad_token_id, batch_size)
         results.append({"name": name, "loss": loss, "perplexity": perplexity(loss), "tokens": tokens,
                         "counted": "every token" if kind == "cpt" else "assistant tokens"})
     return results
@@ -103,7 +104,8 @@ def answers(session, prompts: list[str], sampling: Sampling, mode: str) -> dict[
         session.use(name)
         out = []
         for prompt in prompts:
-            ids, stops = (chat_prompt(session.tokenizer, [{"role": "user", "content": prompt}], session.system_prompt())
+            ids, stops = (chat_prompt(session.tokenizer, [{"role": "user", "content": prompt}], session.system_prompt(),
+                                      session.style())
                           if mode == "chat" else text_prompt(session.tokenizer, prompt))
             with session.active() as model:
                 out.append(complete(model, session.tokenizer, ids, stops, sampling).text)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.chat import end_of_turn, render_text, with_system
 from ..data.specials import encode_rendered
+from ..data.template import PLAIN, Style, end_of_turn, render, with_bos, with_system
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,20 @@ class Generation:
 
 
 def text_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
-    """Token ids of a raw-text prompt and the tokens that end a continuation (EOS)."""
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"], [tokenizer.eos_token_id]
+    """Token ids of a raw-text prompt (led by BOS as CPT documents are) and the tokens that end a
+    continuation (EOS)."""
+    return with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"]), [tokenizer.eos_token_id]
 
 
-def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation awaiting the assistant's turn, and the tokens that end the turn."""
+def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None, style: Style = PLAIN,
+                template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation awaiting the assistant's turn, and the tokens that end the turn. `style`:
+    the adapter's data.reasoning; `template_kwargs`: the caller's chat_template_kwargs over it."""
     messages = with_system(messages, system_prompt)
-    text = render_text(tokenizer, messages, generation_prompt=True)
-    stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id})
-    return encode_rendered(tokenizer, text, [m["content"] for m in messages])[0], stops  # text stays text
+    text = render(tokenizer, messages, generation_prompt=True, style=style, **(template_kwargs or {}))
+    stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, style)), tokenizer.eos_token_id})
+    ids = encode_rendered(tokenizer, text, [m["content"] for m in style.messages(messages)])[0]  # text stays text
+    return with_bos(tokenizer, ids), stops
 
 
 class _Cancelled:
@@ -93,7 +97,7 @@ def generate_text(model, tokenizer, prompt: str, sampling: Sampling = Sampling()
 
 
 def chat_reply(model, tokenizer, messages: list[dict], system_prompt: str | None,
-               sampling: Sampling = Sampling()) -> str:
-    """The assistant's next turn, rendered with the chat template and the recorded system prompt."""
-    ids, stops = chat_prompt(tokenizer, messages, system_prompt)
+               sampling: Sampling = Sampling(), style: Style = PLAIN) -> str:
+    """The assistant's next turn, rendered with the chat template, the recorded system prompt and reasoning."""
+    ids, stops = chat_prompt(tokenizer, messages, system_prompt, style)
     return complete(model, tokenizer, ids, stops, sampling).text

@@ -32,6 +32,7 @@ from .engine import Engine
 from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
 from .guards import MAX_BODY, ApiError, BodyLimit, error_response, serve, server_config  # noqa: F401  (the server's API)
+from .reasoning import Splitter, split
 
 DISCONNECT_POLL_S = 0.1
 PAGE = Path(__file__).with_name("page.html")
@@ -73,6 +74,8 @@ class _Body(BaseModel, extra="allow"):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables for the chat template, as vLLM takes them (Qwen3: {"enable_thinking": false})."""
 
 
 class CompletionBody(_Body):
@@ -246,19 +249,32 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
             if m["role"] not in ("system", "user", "assistant"):
                 raise ApiError(400, f"messages.{i}.role: {m['role']!r} is not system, user or assistant")
         system = session.system_prompt(body.model) if body.model in session.names else None
+        style = session.style(body.model) if body.model in session.names else session.style("base")
+        kwargs = {**style.kwargs(), **(body.chat_template_kwargs or {})}
         work = await generator.work(body, body.max_completion_tokens or body.max_tokens,
-                                    lambda: chat_prompt(session.tokenizer, messages, system))
+                                    lambda: chat_prompt(session.tokenizer, messages, system, style, kwargs))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # the reasoning apart from the answer, as vLLM's reasoning parser returns it
+        thinking = bool(style.block) and kwargs.get(style.block.switch, True) is not False
         if body.stream:
+            splitter = Splitter(style.block, thinking)
+
             def chunk(text, finish, first=False):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if first:
+                    delta = {"role": "assistant", "content": ""}
+                else:
+                    reasoning, answer = splitter.feed(text or "", final=finish is not None)
+                    delta = {**({"reasoning_content": reasoning} if reasoning else {}),
+                             **({"content": answer} if answer else {})}
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return generator.stream(work, chunk, bool(body.stream_options and body.stream_options.include_usage))
         g = await generator.answer(http, work)
+        reasoning, answer = split(g.text, style.block, thinking)
+        message = {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning is not None
+                                                              else {})}
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model, "usage": usage(g),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": g.finish_reason}]}
+                "choices": [{"index": 0, "message": message, "finish_reason": g.finish_reason}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):

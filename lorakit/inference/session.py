@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.chat import template_system_prompt
+from ..data.template import Style, style_for, template_system_prompt
 from ..errors import LorakitError
 from ..weights.flatten import flatten_into
 from ..weights.folders import (
@@ -111,3 +111,8 @@ class Session:
         if manifest and manifest.system_prompt is not None:
             return manifest.system_prompt
         return template_system_prompt(self.tokenizer)
+
+    def style(self, name: str | None = None) -> Style:
+        """How adapter `name` (default: the current one) renders conversations: its data.reasoning."""
+        manifest = self.manifests.get(self.current if name is None else name)
+        return style_for(self.tokenizer, (manifest.reasoning if manifest else None) or "keep")

@@ -82,12 +82,17 @@ class Deployment:
     stop_ids: list[int]
     max_rank: int
     names: list[str] = field(default_factory=list)
+    template_kwargs: dict[str, dict] = field(default_factory=dict)
+    """name -> the chat template variables its data.reasoning renders with (Qwen3 "empty": thinking off)."""
+    reasoning_parser: str | None = None
+    """vLLM's parser that returns a reply's reasoning as reasoning_content (the family's)."""
 
 
 def deploy(session_entries: dict[str, str], model: str | None, cache: Path, force: bool) -> Deployment:
     """Flatten every adapter chain into one adapter under `cache` (reused when its sources are unchanged),
     and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
-    from ..data.chat import end_of_turn, template_system_prompt
+    from ..data.template import end_of_turn, style_for, template_system_prompt
+    from ..families import family_of
     from ..weights.flatten import export_flat_adapter, rank_of
     from ..weights.folders import (
         adapter_chain,
@@ -96,13 +101,13 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
         split_full_model,
         weights_digest,
     )
-    from ..weights.loading import load_tokenizer
+    from ..weights.loading import load_config, load_tokenizer
 
     model, kept = split_full_model(model, list(session_entries.values()))
     entries = {n: p for n, p in session_entries.items() if p in kept}
     base = model or base_of(next(iter(entries.values())))
     tokenizer = load_tokenizer(base)
-    adapters, prompts, ranks = {}, {"base": template_system_prompt(tokenizer)}, []
+    adapters, prompts, ranks, kwargs = {}, {"base": template_system_prompt(tokenizer)}, [], {}
     for name, path in entries.items():
         chain = adapter_chain(path)
         folder = cache / "-".join(weights_digest(f)[:12] for f in chain)
@@ -111,11 +116,14 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
         adapters[name] = folder
         manifest = read_manifest(folder)
         prompts[name] = manifest.system_prompt if manifest and manifest.system_prompt is not None else prompts["base"]
+        kwargs[name] = style_for(tokenizer, (manifest.reasoning if manifest else None) or "keep").kwargs()
         ranks.append(rank_of(folder))
     # chat stops at the end of the turn and at EOS (as generate.chat_prompt); text at EOS, the last of these
     stops = [tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]
     stops = list(dict.fromkeys(stops))
-    return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters])
+    family = family_of(load_config(base))
+    return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters], kwargs,
+                      family.vllm_reasoning_parser if family else None)
 
 
 def command(launcher: list[str], deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
@@ -124,6 +132,8 @@ def command(launcher: list[str], deployment: Deployment, port: int, options: tup
     loras = [f"{name}={folder}" for name, folder in deployment.adapters.items()]
     args = [*launcher, "--model", deployment.base, "--served-model-name", "base", "--host", "127.0.0.1",
             "--port", str(port)]
+    if deployment.reasoning_parser:
+        args += ["--reasoning-parser", deployment.reasoning_parser]
     if loras:
         args += ["--enable-lora", "--max-lora-rank", str(_supported_rank(deployment.max_rank)),
                  "--max-loras", str(len(loras)), "--lora-modules", *loras]
@@ -246,6 +256,9 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
         if body.messages[0].role != "system" and deployment.system_prompts.get(body.model) is not None:
             payload["messages"] = [{"role": "system", "content": deployment.system_prompts[body.model]}, *payload["messages"]]
         payload["stop_token_ids"] = deployment.stop_ids
+        defaults = deployment.template_kwargs.get(body.model) or {}
+        if defaults:
+            payload["chat_template_kwargs"] = {**defaults, **(body.chat_template_kwargs or {})}
         return await forward("/v1/chat/completions", payload, body.stream)
 
     @app.post("/v1/completions")

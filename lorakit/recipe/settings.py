@@ -66,6 +66,14 @@ class DataSettings:
     """For a hub dataset or a save_to_disk folder with several splits: the split to train on."""
     field: str | None = None
     """The record field holding the text (CPT) or the messages (SFT), when it is not `text` / `messages`."""
+    reasoning: str = "keep"
+    """SFT, for a chat template with a reasoning block (Qwen3's <think>...</think>): what the examples keep.
+    keep: each assistant turn's reasoning (its `reasoning_content`, or a <think> block opening its content),
+    and for a turn without any, the block as the template writes it (empty); inference thinks first.
+    empty: every turn gets the empty block and its reasoning is dropped; inference renders prompts with
+    thinking off (enable_thinking: false), as the template's non-thinking mode does.
+    none: no block at all, the reasoning dropped; the model learns to answer at once.
+    chat, generate, serve and the exports' templates use the adapter's choice by default."""
 
     @property
     def sources(self) -> list[DataSource]:
@@ -92,6 +100,8 @@ class DataSettings:
             raise LorakitError("give data.eval_path or data.eval_split, not both")
         if self.num_proc < 0:
             raise LorakitError(f"data.num_proc must be 0 (one per core) or more, got {self.num_proc}")
+        if self.reasoning not in ("keep", "empty", "none"):
+            raise LorakitError(f"data.reasoning must be keep, empty or none, got {self.reasoning!r}")
         if self.streaming and self.eval_split:
             raise LorakitError("data.streaming cannot hold out data.eval_split (a stream is read once); give "
                                "data.eval_path instead")

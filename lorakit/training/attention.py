@@ -33,7 +33,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     # Grouped key/value heads go in as they are (enable_gqa), not copied out to every query head.
     options = {"dropout_p": dropout if module.training else 0.0, "is_causal": True, "scale": scaling,
                "enable_gqa": query.shape[1] != key.shape[1]}
-    position_ids = kwargs.get("position_ids")
+    if kwargs.get("softcap"):  # Gemma 2's attention soft-capping: not in the fused kernel (Gemma 3 has none)
+        raise NotImplementedError("lorakit's packed attention does not apply attention logit soft-capping")
+    position_ids, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
     if position_ids is None or query.shape[2] != key.shape[2]:
         return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2).contiguous(), None
     positions = position_ids.expand(query.shape[0], -1)
@@ -42,8 +44,19 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         # split, not slicing: its backward joins the pieces' gradients instead of adding zero-padded copies
         sizes = [e - s for s, e in _segments(positions[b])]
         pieces = zip(*(t[b:b + 1].split(sizes, dim=2) for t in (query, key, value)))
-        rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, **options) for q, k, v in pieces], dim=2))
+        rows.append(torch.cat([_attend(q, k, v, options, window) for q, k, v in pieces], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, options: dict, window: int | None):
+    """Causal attention over one example; a sliding-window layer (Gemma 3's) whose example is longer than its
+    window sees only the last `window` tokens, through a banded mask (the unfused kernel, for those only)."""
+    length = query.shape[2]
+    if not window or length <= window:
+        return F.scaled_dot_product_attention(query, key, value, **options)
+    i = torch.arange(length, device=query.device)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=band, **{**options, "is_causal": False})
 
 
 def _no_mask(*args, **kwargs):

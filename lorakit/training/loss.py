@@ -50,6 +50,11 @@ def _owner(model) -> nn.Module:
 
 def install(model) -> None:
     owner = _owner(model)
+    if getattr(owner.config, "final_logit_softcapping", None):  # Gemma 2's; Gemma 3 has none
+        from ..errors import LorakitError
+
+        raise LorakitError(f"{owner.config.model_type}: final_logit_softcapping is not applied by lorakit's chunked "
+                           f"loss; this model cannot be trained here yet")
     if not isinstance(owner.lm_head, PassThroughHead):
         owner.lm_head = PassThroughHead(owner.lm_head)
 

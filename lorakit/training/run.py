@@ -14,6 +14,7 @@ from peft.helpers import disable_input_dtype_casting
 
 from .. import __version__
 from ..data.prepare import Prepared, prepare
+from ..data.template import is_chat_model, reasoning_block
 from ..errors import Interrupted, LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
@@ -282,11 +283,10 @@ def _deployable(job: Job, model, manifest: Manifest):
     dtype (said, and recorded), and a chat model that stops at its end-of-turn token, as an export's."""
     if job.dtype != torch.float32:
         model = model.to(job.dtype)
-    chat = job.recipe.stage == "sft" or job.tokenizer.eos_token == "<|im_end|>"
-    set_stop_tokens(model, job.tokenizer, chat)
+    chat = job.recipe.stage == "sft" or is_chat_model(job.tokenizer)
+    end = set_stop_tokens(model, job.tokenizer, chat)
     manifest.dtype = str(job.dtype).removeprefix("torch.")
-    say(f"the model's weights are written in {manifest.dtype}"
-        + ("; it stops at <|im_end|>" if chat and "<|im_end|>" in job.tokenizer.get_vocab() else ""))
+    say(f"the model's weights are written in {manifest.dtype}" + (f"; it stops at {end}" if end else ""))
     return model
 
 
@@ -349,6 +349,7 @@ def _manifest(job: Job, base_fingerprint: str, summary: dict) -> Manifest:
         name=job.out.name, recipe=recipe.name, base_model=job.model_name,
         base_model_path=str(local.resolve()) if local.exists() else None, base_fingerprint=base_fingerprint,
         parent=parent, system_prompt=job.data.system_prompt,
+        reasoning=recipe.data.reasoning if recipe.stage == "sft" and reasoning_block(job.tokenizer) else None,
         data={"path": recipe.data.path, "hash": job.data.data_hash, **job.data.stats},
         lora=None if recipe.method == "full" else {"r": recipe.lora.r, "alpha": recipe.lora.alpha,
                                                    "target": recipe.lora.target},

@@ -92,7 +92,7 @@ def combine(adapters: list[str], weights: list[float], out: Path, *, combination
             shutil.copytree(Path(adapters[0]) / "parent", folder / "parent")
         Manifest(kind="combination", method="combination", base_model=first.base_model,
                  base_model_path=first.base_model_path, base_fingerprint=first.base_fingerprint, stage=first.stage,
-                 quantization=first.quantization, system_prompt=first.system_prompt, parent=first.parent,
+                 quantization=first.quantization, system_prompt=first.system_prompt, reasoning=first.reasoning, parent=first.parent,
                  combination={"type": combination, "adapters": [str(Path(a).resolve()) for a in adapters],
                               "weights": weights, "max_logit_diff_from_exact_sum": diff}).write(folder)
         return publish(folder, out, overwrite=overwrite)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.template import is_chat_model, style_for, with_default_kwargs
 from ..log import say
 from .folders import (
     SHARD_SIZE,
@@ -65,9 +66,10 @@ def export(sources: list[str], out: Path, settings: ExportSettings = ExportSetti
     size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
     # chat-tuned anywhere in the chain, or a chat model to begin with
-    manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or tokenizer.eos_token == "<|im_end|>"
+    manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or is_chat_model(tokenizer)
     with staging(out, shown=step_of) as folder:
-        set_stop_tokens(merged, tokenizer, chat)
+        end = set_stop_tokens(merged, tokenizer, chat)
+        with_default_kwargs(tokenizer, style_for(tokenizer, manifest.reasoning or "keep"))
         merged.to(target).save_pretrained(folder, max_shard_size=settings.shard_size)
         tokenizer.save_pretrained(folder)
         del merged
@@ -77,7 +79,8 @@ def export(sources: list[str], out: Path, settings: ExportSettings = ExportSetti
         manifest.size_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         if step_of is None:
             say(f"exported {len(list(folder.glob('*.safetensors')))} safetensors shard(s), "
-                f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {'<|im_end|>' if chat else 'the base EOS'}")
+                f"{manifest.size_bytes / 2**20:.1f} MiB, dtype {dtype}; stops at {end or tokenizer.eos_token}"
+                + ("" if end else " (EOS: a text model)"))
         manifest.write(folder)
         return publish(folder, out, overwrite=settings.overwrite)
 
@@ -139,7 +142,7 @@ def _manifest(sources, manifests: list[Manifest], dtype: str, onto: str) -> Mani
     last = lambda name: next((getattr(m, name) for m in reversed(manifests) if getattr(m, name)), None)
     return Manifest(kind="merged", method="merged", dtype=dtype, onto=onto,
                     sources=[str(Path(s).resolve()) for s in sources], stage=last("stage"),
-                    system_prompt=last("system_prompt"), base_model=last("base_model"),
+                    system_prompt=last("system_prompt"), reasoning=last("reasoning"), base_model=last("base_model"),
                     base_fingerprint=last("base_fingerprint"), full_model_source=any(is_full_model(s) for s in sources))
 
 
@@ -147,9 +150,10 @@ def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: 
     """`--format gguf`: the sources merged and verified as a model folder would be, then written as one
     GGUF file (read back and compared tensor by tensor) with an Ollama Modelfile beside it."""
     import dataclasses
+    import json
     import tempfile
 
-    from .gguf import announce, check_file, check_quant, modelfile, write_model
+    from .gguf import announce, check_file, check_quant, write_model
 
     check_quant(quant)
     out = output_path(out)
@@ -164,10 +168,11 @@ def export_gguf(sources: list[str], out: Path, settings: ExportSettings, quant: 
             facts = write_model(merged, folder / "model.gguf", quant, chat, name=out.name)
             worst = check_file(folder / "model.gguf", facts.pop("sources"), quant)
             announce(out / "model.gguf", facts)
-            system = _system(recorded, merged) if chat else None
-            (folder / "Modelfile").write_text(modelfile("./model.gguf", None, system, chat), encoding="utf-8")
+            config = json.loads((merged / "config.json").read_text())
+            (folder / "Modelfile").write_text(_modelfile("./model.gguf", None, recorded, chat, merged, config),
+                                              encoding="utf-8")
             Manifest(kind="gguf", method="merged", stage=recorded.stage, base_model=recorded.base_model,
-                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt,
+                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt, reasoning=recorded.reasoning,
                      chat=recorded.chat, dtype=quant, sources=recorded.sources, verify=recorded.verify,
                      size_bytes=facts["size_bytes"], extra={"gguf_check": {"max_relative_diff": worst}}).write(folder)
             return publish(folder, out, overwrite=settings.overwrite)
@@ -187,16 +192,30 @@ def _from_modelfile(out: Path, base_gguf: str | None) -> str:
     return relative if relative.startswith("..") else f"./{relative}"
 
 
-def _system(recorded: Manifest, folder: Path) -> str | None:
-    """The system prompt Ollama must send: the one recorded at training, else the one the model's own
-    template inserts (Qwen2's "You are a helpful assistant."), which Ollama's template would not."""
-    if recorded.system_prompt is not None:
-        return recorded.system_prompt
-    from transformers import AutoTokenizer
+def _modelfile(where: str, adapter: str | None, recorded: Manifest, chat: bool, tokenizer_from: str | Path,
+               config: dict) -> str:
+    """The Ollama Modelfile of an export: the family's template (ending in the empty reasoning block when the
+    adapter was trained with thinking off), the system prompt Ollama must send (the one recorded at training,
+    else the one the model's own template inserts, which Ollama's template would not), and the stops (the
+    end of turn, the tokenizer's EOS and any other the generation config stops at)."""
+    import json
 
-    from ..data.chat import template_system_prompt
+    from ..data.template import end_of_turn, style_for, template_system_prompt
+    from ..families import family_of
+    from .gguf import modelfile
+    from .loading import load_tokenizer
 
-    return template_system_prompt(AutoTokenizer.from_pretrained(folder))
+    tokenizer = load_tokenizer(str(tokenizer_from))
+    style = style_for(tokenizer, recorded.reasoning or "keep")
+    generation = Path(tokenizer_from) / "generation_config.json"
+    ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    stops = ([end_of_turn(tokenizer, style)] if chat else []) + [tokenizer.eos_token] + [
+        tokenizer.convert_ids_to_tokens(i) for i in ([ids] if isinstance(ids, int) else ids or [])]
+    system = None
+    if chat:
+        system = recorded.system_prompt if recorded.system_prompt is not None else template_system_prompt(tokenizer)
+    no_thinking = style.block.empty if style.block and style.kwargs() else ""
+    return modelfile(where, adapter, system, chat, family_of(config), stops, no_thinking)
 
 
 def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_gguf: str | None = None) -> Path:
@@ -206,7 +225,7 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
 
     from .flatten import export_flat_adapter
     from .folders import base_of
-    from .gguf import announce, check_file, modelfile, write_adapter
+    from .gguf import announce, check_file, write_adapter
     from .loading import load_config
 
     out = output_path(out)
@@ -218,18 +237,19 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
                                    force=settings.force, device=settings.device)
         recorded = read_manifest(flat)
         with staging(out) as folder:
-            facts = write_adapter(flat, load_config(base).to_dict(), folder / "adapter.gguf")
+            config = load_config(base).to_dict()
+            facts = write_adapter(flat, config, folder / "adapter.gguf")
             check_file(folder / "adapter.gguf", facts.pop("sources"), "f32")
             announce(out / "adapter.gguf", facts)
             chat = recorded.stage == "sft"
             where = _from_modelfile(out, base_gguf)
-            system = _system(recorded, flat) if chat else None
-            (folder / "Modelfile").write_text(modelfile(where, "./adapter.gguf", system, chat), encoding="utf-8")
+            (folder / "Modelfile").write_text(_modelfile(where, "./adapter.gguf", recorded, chat, base, config),
+                                              encoding="utf-8")
             if base_gguf is None:
                 say(f"the Modelfile takes the base from {out / 'base.gguf'}: put the base model's GGUF there "
                     f"(lorakit export {base} --format gguf -o DIR), or pass --base-gguf")
             Manifest(kind="gguf-adapter", method="lora", stage=recorded.stage, base_model=recorded.base_model,
-                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt,
+                     base_fingerprint=recorded.base_fingerprint, system_prompt=recorded.system_prompt, reasoning=recorded.reasoning,
                      sources=recorded.sources, verify=recorded.verify, lora=recorded.lora,
                      size_bytes=facts["size_bytes"], drift_from_trained=recorded.drift_from_trained).write(folder)
             return publish(folder, out, overwrite=settings.overwrite)

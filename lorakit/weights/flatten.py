@@ -88,7 +88,7 @@ def export_flat_adapter(source: str, out: Path, *, model_name: str | None = None
         rank = rank_of(folder)
         manifest = Manifest(kind="adapter", method="lora", stage=last.stage, base_model=last.base_model or name,
                             base_model_path=last.base_model_path, base_fingerprint=last.base_fingerprint,
-                            system_prompt=last.system_prompt, quantization=quantization, verify=check,
+                            system_prompt=last.system_prompt, reasoning=last.reasoning, quantization=quantization, verify=check,
                             drift_from_trained=drift, sources=[str(Path(f).resolve()) for f in chain],
                             lora={"r": rank, "alpha": rank, "flattened": len(chain)})
         manifest.write(folder)

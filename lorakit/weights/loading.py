@@ -82,8 +82,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer",
                                  trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = pad_token(tokenizer)
     return tokenizer
+
+
+def pad_token(tokenizer) -> str:
+    """A pad token for a tokenizer without one, from its own vocabulary (embeddings are never resized): a
+    reserved padding token where it has one (Llama 3.1's <|finetune_right_pad_id|>), else EOS. Padding is
+    masked out of attention and labels either way; a dedicated token keeps EOS out of the padding."""
+    special = [t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.special]
+    named = [t for t in special if "pad" in t.lower()] + [t for t in special if "reserved" in t.lower()]
+    return named[0] if named else tokenizer.eos_token
 
 
 def load_config(name: str, trust_remote_code: bool = False):
@@ -178,16 +187,21 @@ def attach_lora(model, settings, seed: int):
         raise LorakitError(f"lora.target {settings.target!r}: {first_line(exc)}") from None
 
 
-def set_stop_tokens(model, tokenizer, chat: bool) -> None:
-    """A chat model must stop at <|im_end|>: written with the base's EOS (a base model's <|endoftext|>),
-    plain transformers and every runtime reading its generation config would never stop."""
-    if not chat or "<|im_end|>" not in tokenizer.get_vocab():
-        return
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eos = [end] + [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if i is not None and i != end]
+def set_stop_tokens(model, tokenizer, chat: bool) -> str | None:
+    """A chat model must stop at the token that closes its template's turns (<|im_end|>, <|eot_id|>,
+    <end_of_turn>): written with a base model's EOS (<|endoftext|>, <|end_of_text|>), plain transformers and
+    every runtime reading its generation config would never stop. Returns the end of turn, if it set one."""
+    from ..data.template import end_of_turn
+
+    end_token = end_of_turn(tokenizer) if chat else None
+    if end_token is None or end_token not in tokenizer.get_vocab():
+        return None
+    end = tokenizer.convert_tokens_to_ids(end_token)
+    eos = [end] + [i for i in [tokenizer.eos_token_id] if i is not None and i != end]
     model.config.eos_token_id = end
     model.generation_config.eos_token_id = eos
-    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.eos_token = end_token
+    return end_token
 
 
 def release_memory() -> None:

