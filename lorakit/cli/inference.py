@@ -43,11 +43,18 @@ def chat(model, adapters, prompt, system, sampling, force):
 
 
 def _reply(session, messages, system, sampling) -> str:
+    """The answer; its reasoning, where the template writes a reasoning block, goes to stderr (a non-empty one)."""
     from ..inference.generate import chat_reply
+    from ..inference.reasoning import split
 
+    style = session.style()
     with session.active() as lm:
-        return chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
-                          sampling, session.style())
+        text = chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
+                          sampling, style)
+    reasoning, answer = split(text, style.block, not style.kwargs())
+    if reasoning:
+        click.echo(f"(reasoning) {reasoning}", err=True)
+    return answer
 
 
 def _chat_loop(session, system, sampling) -> None:

@@ -258,3 +258,16 @@ def with_default_kwargs(tokenizer, style: Style) -> None:
     for name, value in style.kwargs().items():
         tokenizer.chat_template = (f"{{%- if {name} is not defined %}}{{%- set {name} = {str(value).lower()} %}}"
                                    f"{{%- endif %}}" + tokenizer.chat_template)
+
+
+def template_check(tokenizer) -> str:
+    """What lorakit checks of an untested family's chat template before training it: a two-turn probe's assistant
+    turns are found and closed by one special token. Raises LorakitError where they are not."""
+    probe = [{"role": "user", "content": "PROBE-Q1"}, {"role": "assistant", "content": "PROBE-A1"},
+             {"role": "user", "content": "PROBE-Q2"}, {"role": "assistant", "content": "PROBE-A2"}]
+    examples = rendered_examples(tokenizer, probe, "the chat template's probe")
+    turns = [text[a:b] for text, spans in examples for a, b in spans]
+    end = end_of_turn(tokenizer)
+    if len(turns) != 2 or not all(t.endswith(end) and "PROBE-A" in t for t in turns):
+        raise LorakitError(f"the chat template's assistant turns could not be masked exactly ({turns}); not trained")
+    return f"its chat template's assistant turns are found and end at {end}"

@@ -30,7 +30,14 @@ class Family:
     """Added to every norm weight on the way out (Gemma's RMSNorm multiplies by 1 + weight)."""
     gguf_extra: Callable[[object, dict], None] | None = None
     """Writes the family's further llama.cpp metadata (writer, config)."""
+    ollama_variants: tuple[tuple[str, str], ...] = ()
+    """(text, template): where the checkpoint's own chat template holds `text`, Ollama's template is this one
+    (Llama 3.1+'s system header differs from 3.0's)."""
     gguf_tensors: Callable[[dict], dict] | None = None
     """Tensors llama.cpp wants that the checkpoint computes on the fly (config -> {name: float32 array})."""
     vllm_reasoning_parser: str | None = None
     """vLLM's --reasoning-parser for the family's reasoning block (its reply's reasoning_content)."""
+
+    def ollama(self, chat_template: str | None) -> str:
+        """The family's template in Ollama's language for a checkpoint with this chat template."""
+        return next((t for text, t in self.ollama_variants if text in (chat_template or "")), self.ollama_template)

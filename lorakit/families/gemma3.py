@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from .family import Family
 
-# Gemma's template as Ollama ships it: the system prompt opens the first user turn.
-GEMMA = ("{{- range $i, $_ := .Messages }}{{- if eq .Role \"user\" }}<start_of_turn>user\n"
-         "{{- if and (eq $i 1) $.System }}\n{{ $.System }}\n\n{{- end }}\n{{ .Content }}<end_of_turn>\n"
+# Gemma's template in Ollama's language: the system prompt opens the first user turn, the assistant is "model";
+# BOS is not written (llama.cpp adds it: add_bos_token in the GGUF).
+GEMMA = ("{{- $first := true }}{{- range .Messages }}{{- if eq .Role \"user\" }}<start_of_turn>user\n"
+         "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}"
          "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
-         "{{- end }}{{- end }}<start_of_turn>model\n")
+         "{{ end }}{{- end }}<start_of_turn>model\n")
 
 
 def _metadata(writer, config: dict) -> None:

@@ -15,6 +15,14 @@ LLAMA3 = ("{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Sy
           "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+# Llama 3.1+ always opens with a system header naming the knowledge cut-off, as Ollama's own llama3.1/3.2
+# templates do; their "Today Date" line (the day of rendering) is left out, as Ollama's templates leave it.
+LLAMA31 = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n"
+           "{{ if .System }}{{ .System }}{{ end }}<|eot_id|>"
+           "{{- range .Messages }}{{- if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+           "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
 def rope_factors(config: dict) -> dict:
     """Llama 3.1's "llama3" rope scaling as llama.cpp's converter writes it (rope_freqs.weight): each rotary
     frequency's divisor, as transformers' _compute_llama3_parameters scales the frequencies."""
@@ -41,4 +49,5 @@ def rope_factors(config: dict) -> dict:
 
 FAMILY = Family(name="Llama 3", model_types=("llama",), checkpoints="Llama 3.0, 3.1, 3.2 (base and instruct)",
                 gguf_arch="llama", gguf_pre="llama-bpe", ollama_template=LLAMA3, permute_qk=True,
+                ollama_variants=(("Cutting Knowledge Date", LLAMA31),),
                 gguf_tensors=rope_factors)

@@ -283,6 +283,9 @@ class Recipe:
     folder; a symbolic link is followed (the adapter is written where it points)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    allow_untested_family: bool = False
+    """Train a model of a family lorakit has not been tested on (README: Model families), once lorakit's own
+    checks of its chat template pass (assistant turns found, closed by a special token). Off: refused."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

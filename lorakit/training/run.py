@@ -14,7 +14,7 @@ from peft.helpers import disable_input_dtype_casting
 
 from .. import __version__
 from ..data.prepare import Prepared, prepare
-from ..data.template import is_chat_model, reasoning_block
+from ..data.template import is_chat_model, reasoning_block, template_check
 from ..errors import Interrupted, LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
@@ -33,6 +33,7 @@ from ..weights.loading import (
     count_parameters,
     fingerprint,
     for_training,
+    load_config,
     load_model,
     load_tokenizer,
     make_trainable,
@@ -124,12 +125,30 @@ def _job(recipe: Recipe, options: RunOptions, model_name: str) -> Job:
     """The tokenizer and the prepared data (bad data fails here, before any weights load), the device,
     the compute dtype and the quantization."""
     tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
+    _check_family(recipe, model_name, tokenizer)
     data = prepare(recipe, tokenizer)
     _describe_data(recipe, data)
     device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     _warn_if_too_big(recipe, device)
     return Job(recipe, options, model_name, tokenizer, data, device, dtype, _quantization(recipe, dtype))
+
+
+def _check_family(recipe: Recipe, model_name: str, tokenizer) -> None:
+    """A family lorakit has not been tested on is refused in one line, or, when the recipe allows it, trained
+    once its template passes lorakit's checks (said, with what was checked)."""
+    from ..families import FAMILIES, family_of
+
+    config = load_config(model_name, recipe.trust_remote_code)
+    if family_of(config) is not None:
+        return
+    tested = ", ".join(t for f in FAMILIES for t in f.model_types)
+    if not recipe.allow_untested_family:
+        raise LorakitError(f"{model_name}: model type {config.model_type} is not a family lorakit has been tested on "
+                           f"({tested}); set allow_untested_family: true to train it once lorakit's checks of its "
+                           f"chat template pass")
+    say(f"note: model type {config.model_type} is not tested by lorakit ({tested} are); checked: "
+        f"{template_check(tokenizer) if recipe.stage == 'sft' else 'nothing family-specific (raw text)'}")
 
 
 def _warn_if_too_big(recipe: Recipe, device: str) -> None:

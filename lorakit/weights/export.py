@@ -215,7 +215,7 @@ def _modelfile(where: str, adapter: str | None, recorded: Manifest, chat: bool, 
     if chat:
         system = recorded.system_prompt if recorded.system_prompt is not None else template_system_prompt(tokenizer)
     no_thinking = style.block.empty if style.block and style.kwargs() else ""
-    return modelfile(where, adapter, system, chat, family_of(config), stops, no_thinking)
+    return modelfile(where, adapter, system, chat, family_of(config), stops, no_thinking, tokenizer.chat_template)
 
 
 def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_gguf: str | None = None) -> Path:

@@ -7,7 +7,7 @@ from ..families import Family
 
 
 def modelfile(source: str, adapter: str | None, system: str | None, chat: bool, family: Family, stops: list[str],
-              no_thinking: str = "") -> str:
+              no_thinking: str = "", chat_template: str | None = None) -> str:
     """An Ollama Modelfile: FROM (the model GGUF, or the base GGUF under an ADAPTER), the chat template in
     Ollama's template language (the family's; `no_thinking`: the empty reasoning block a prompt ends in when
     the adapter was trained with thinking off), the recorded system prompt, the stop tokens (a chat model's
@@ -16,7 +16,7 @@ def modelfile(source: str, adapter: str | None, system: str | None, chat: bool, 
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if chat:
-        lines.append(f'TEMPLATE """{family.ollama_template}{no_thinking}"""')
+        lines.append(f'TEMPLATE """{family.ollama(chat_template)}{no_thinking}"""')
         if system:
             lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{stop}"' for stop in dict.fromkeys(stops)]
