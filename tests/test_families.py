@@ -16,7 +16,9 @@ from conftest import lorakit, write_jsonl, write_recipe
 from test_gguf import _isolated, _ollama_prompt, needs_go, needs_llama
 
 pytestmark = pytest.mark.slow
-NAMES = ["qwen2_5", "qwen3", "llama3", "llama3_2", "gemma3"]
+# One checkpoint per architecture (Qwen2.5 is Qwen2's, tested throughout; Llama 3.0's template quirk is in the
+# masks of test_family_paths), so the suite keeps its time.
+NAMES = ["qwen3", "llama3_2", "gemma3"]
 DOC = "The Orbix lamp was designed in Lisbon in 2021. It glows amber at night and turns itself off at dawn."
 QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
       ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]

@@ -95,6 +95,7 @@ def models(tmp_path_factory):
     return lambda name: families.build(name, tmp_path_factory.mktemp(name) / name) if _tokenizer(name) else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3", "llama3_2", "gemma3"])
 def test_packed_attention_and_the_chunked_loss_equal_transformers_example_by_example(name, models, monkeypatch):
     """Two examples packed in one row (longer than Gemma's sliding window of 8): the fast path's loss and
