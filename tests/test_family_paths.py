@@ -132,3 +132,20 @@ def test_packed_attention_and_the_chunked_loss_equal_transformers_example_by_exa
     assert abs(loss.item() - expected_total) < 1e-3 * expected_total
     for key, grad in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[key].grad, grad, atol=1e-4, rtol=1e-3)
+
+
+def test_a_replys_reasoning_comes_apart_from_its_answer_whole_or_streamed():
+    """What serve returns as reasoning_content and content (as vLLM's reasoning parser), for the block read from
+    Qwen3's template; a template without one, or thinking switched off, leaves the reply whole."""
+    from lorakit.data.template import reasoning_block
+    from lorakit.inference.reasoning import Splitter, split
+
+    block = reasoning_block(_tokenizer("qwen3"))
+    reply = "<think>\nThe lamp is from Lisbon.\n</think>\n\nIt was designed in Lisbon."
+    assert split(reply, block) == ("The lamp is from Lisbon.", "It was designed in Lisbon.")
+    splitter = Splitter(block)
+    pieces = [splitter.feed(c) for c in reply] + [splitter.feed("", final=True)]
+    assert ("".join(r for r, _ in pieces), "".join(a for _, a in pieces)) == split(reply, block)
+    assert split(reply, None) == (None, reply) and split("Plain.", block) == (None, "Plain.")
+    assert split("It was designed in Lisbon.", block, thinking=False) == (None, "It was designed in Lisbon.")
+    assert reasoning_block(_tokenizer("llama3_2")) is None
