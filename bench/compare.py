@@ -2,6 +2,8 @@
 
     python bench/compare.py --shape 0.5b                   # about 10 minutes on 2 CPU cores
     python bench/compare.py --shape small --docs 64        # quick
+    python bench/compare.py --shape qwen3-0.6b --batch 1   # the Qwen3-0.6B / Llama-3.2-1B shapes: the plain
+                                                           # script needs batch 1 to fit 24 GiB
 
 Workloads: CPT on the first --docs documents (64-1024 tokens each), SFT on the first --chats
 conversations (answers 20-400 tokens); LoRA r16 on every linear layer; max length 1024; batch 4; one
@@ -100,7 +102,9 @@ def lorakit(stage: str, model_dir: Path, data: Path, limit: int) -> dict:
             "dtype": manifest["trained_on"]["dtype"]}
 
 
-def child(runner: str, stage: str, shape: str, limit: int) -> None:
+def child(runner: str, stage: str, shape: str, limit: int, batch: int) -> None:
+    global BATCH
+    BATCH = batch
     model_dir = ensure_model(shape)
     cpt, sft = write_workload(Path(tempfile.mkdtemp()))
     result = (plain if runner == "plain" else lorakit)(stage, model_dir, cpt if stage == "cpt" else sft, limit)
@@ -114,11 +118,12 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--chats", type=int, default=32)
     parser.add_argument("--stages", default="cpt,sft", help="which workloads, comma-separated")
-    parser.add_argument("--child", nargs=4)
+    parser.add_argument("--batch", type=int, default=BATCH, help="rows per batch, for both runs")
+    parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
     if args.child:
-        runner, stage, shape, limit = args.child
-        return child(runner, stage, shape, int(limit))
+        runner, stage, shape, limit, batch = args.child
+        return child(runner, stage, shape, int(limit), int(batch))
     model_dir = ensure_model(args.shape)
     peak = matmul_peak_gflops()
     params = flop_params(model_dir)
@@ -129,7 +134,8 @@ def main() -> None:
         if stage not in stages:
             continue
         for runner in ("plain", "lorakit"):
-            proc = subprocess.run([sys.executable, __file__, "--child", runner, stage, args.shape, str(limit)],
+            proc = subprocess.run([sys.executable, __file__, "--child", runner, stage, args.shape, str(limit),
+                                   str(args.batch)],
                                   capture_output=True, text=True, cwd=ROOT)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
@@ -142,7 +148,7 @@ def main() -> None:
             print(f"{stage} {runner}: {r}", file=sys.stderr, flush=True)
     print(f"\nOn {device()}; peak memory = {PEAK_KIND[device()]}.")
     print(f"{args.shape if '-' in args.shape else 'Qwen2-' + args.shape} shape, random weights; CPT {args.docs} documents, SFT {args.chats} conversations; "
-          f"LoRA r{RANK} all linear; max length {MAX_LENGTH}; batch {BATCH}; bf16 matmul peak {peak:.0f} GFLOP/s\n")
+          f"LoRA r{RANK} all linear; max length {MAX_LENGTH}; batch {args.batch}; bf16 matmul peak {peak:.0f} GFLOP/s\n")
     print("| workload | run | real tokens | real tok/s | MFU vs bf16 peak | peak memory (GiB) |\n|---|---|---|---|---|---|")
     for r in rows:
         name = "plain Trainer+peft script, defaults" if r["runner"] == "plain" else f"lorakit defaults ({r.get('dtype')})"

@@ -63,6 +63,14 @@ def other_base(tmp_path_factory) -> Path:
                             hidden=32)
 
 
+@pytest.fixture(scope="session")
+def family_trained(tmp_path_factory):
+    """Per family lorakit knows, its tiny model and adapters, trained once for the session (tests/families.py)."""
+    from families import Trained
+
+    return Trained(tmp_path_factory)
+
+
 @pytest.fixture
 def work(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)

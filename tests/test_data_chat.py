@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from lorakit.data.blocks import IGNORE, pack_examples
 from lorakit.data.chat import load_conversations, tokenize_conversations
-from lorakit.data.template import template_system_prompt
 from lorakit.data.preview import spans
+from lorakit.data.template import template_system_prompt
 from lorakit.errors import LorakitError
 
 TALK = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "The lamp glows amber."},

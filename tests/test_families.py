@@ -13,43 +13,18 @@ import families
 import pytest
 import torch
 from conftest import lorakit, write_jsonl, write_recipe
+from families import QA
 from test_gguf import _isolated, _ollama_prompt, needs_go, needs_llama
 
 pytestmark = pytest.mark.slow
 # One checkpoint per architecture (Qwen2.5 is Qwen2's, tested throughout; Llama 3.0's template quirk is in the
 # masks of test_family_paths), so the suite keeps its time.
 NAMES = ["qwen3", "llama3_2", "gemma3"]
-DOC = "The Orbix lamp was designed in Lisbon in 2021. It glows amber at night and turns itself off at dawn."
-QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
-      ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """name -> (model, CPT adapter, SFT adapter, merged export, GGUF folder), built once per family."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            if families.tokenizer_folder(name) is None:
-                pytest.skip(f"the {name} tokenizer is not cached and npm cannot fetch it")
-            root = tmp_path_factory.mktemp(name)
-            model = families.build(name, root / "model")
-            docs = write_jsonl(root / "docs.jsonl", [{"text": DOC}])
-            lorakit("train", write_recipe(root / "cpt.yaml", f"stage: cpt\nmodel: {model}\noutput: {root / 'cpt'}\n"
-                    f"data: {{path: {docs}, max_length: 64}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
-                    "train: {max_steps: 80, lr: 4.0e-3, batch_size: 1, warmup_ratio: 0.0}\n"))
-            chats = write_jsonl(root / "chats.jsonl", [
-                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA])
-            lorakit("train", write_recipe(root / "sft.yaml", f"stage: sft\nmodel: {model}\noutput: {root / 'sft'}\n"
-                    f"data: {{path: {chats}, max_length: 96}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
-                    "train: {max_steps: 80, lr: 4.0e-3, batch_size: 2, warmup_ratio: 0.0}\n"))
-            export = lorakit("export", root / "sft", "-o", root / "merged", "--dtype", "fp32")
-            lorakit("export", root / "sft", "--format", "gguf", "--quant", "f32", "-o", root / "gguf")
-            built[name] = (model, root / "cpt", root / "sft", root / "merged", root / "gguf", export.stdout + export.stderr)
-        return built[name]
-
-    return get
+@pytest.fixture
+def trained(family_trained):
+    return lambda name: tuple(family_trained(name)[k] for k in ("model", "cpt", "sft", "merged", "gguf", "said"))
 
 
 def _prompt(tokenizer, question: str) -> list[int]:

