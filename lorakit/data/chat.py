@@ -159,9 +159,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
                           style: Style = PLAIN) -> list[Example]:
     """Token ids and labels of one conversation (one example, or more where the template renders an earlier
     turn otherwise once later turns follow: template.rendered_examples), each truncated to max_length."""
-    examples = []
+    examples, contents = [], [m["content"] for m in style.messages(messages)]
     for text, spans in rendered_examples(tokenizer, messages, where, style):
-        contents = [m["content"] for m in style.messages(messages)]
         ids, offsets = encode_rendered(tokenizer, text, contents, limit=max_length)
         labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
         lead = with_bos(tokenizer, ids)

@@ -18,16 +18,24 @@ _LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def once_per_tokenizer(table: weakref.WeakKeyDictionary, tokenizer, compute):
+    """compute(tokenizer), worked out once per tokenizer and kept in `table` (asked for every record; the server
+    asks from several threads)."""
+    with _LOCK:
+        if tokenizer not in table:
+            table[tokenizer] = compute(tokenizer)
+        return table[tokenizer]
+
+
 def markers(tokenizer) -> tuple[str, ...]:
     """Every string the tokenizer turns into one added token (special or not) wherever it appears; read once
     per tokenizer (it is asked for every record)."""
-    with _LOCK:
-        found = _MARKERS.get(tokenizer)
-        if found is None:
-            decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-            spelled = {t.content for t in decoder.values()} | set(getattr(tokenizer, "all_special_tokens", []))
-            found = _MARKERS[tokenizer] = tuple(sorted((m for m in spelled if m), key=len, reverse=True))
-        return found
+    def spelled(tokenizer) -> tuple[str, ...]:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        found = {t.content for t in decoder.values()} | set(getattr(tokenizer, "all_special_tokens", []))
+        return tuple(sorted((m for m in found if m), key=len, reverse=True))
+
+    return once_per_tokenizer(_MARKERS, tokenizer, spelled)
 
 
 def holds_markers(tokenizer, texts) -> bool:
@@ -46,15 +54,14 @@ def _literal_backend(tokenizer):
     """A private copy of the tokenizer's backend that spells added tokens out as text. A copy, because the
     wrapper's own `split_special_tokens=True` flips a flag on the shared backend, which another thread
     (the server tokenizes prompts concurrently) could flip back mid-call."""
-    with _LOCK:
-        backend = _LITERAL.get(tokenizer)
-        if backend is None:
-            from tokenizers import Tokenizer
+    def copy(tokenizer):
+        from tokenizers import Tokenizer
 
-            backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-            backend.encode_special_tokens = True
-            _LITERAL[tokenizer] = backend
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.encode_special_tokens = True
         return backend
+
+    return once_per_tokenizer(_LITERAL, tokenizer, copy)
 
 
 def encode_text(tokenizer, texts: list[str], spelled: bool | None = None) -> list[list[int]]:
@@ -69,10 +76,7 @@ def encode_text(tokenizer, texts: list[str], spelled: bool | None = None) -> lis
 def reach(tokenizer, tokens: int) -> int:
     """Characters of text that surely hold the first `tokens` tokens: no token spells more than the longest
     vocabulary entry (byte-level: a character is at least one byte), doubled for what normalization may fold."""
-    with _LOCK:
-        longest = _LONGEST.get(tokenizer)
-        if longest is None:
-            longest = _LONGEST[tokenizer] = max(len(t) for t in tokenizer.get_vocab())
+    longest = once_per_tokenizer(_LONGEST, tokenizer, lambda t: max(len(token) for token in t.get_vocab()))
     return 2 * (tokens + 16) * longest
 
 

@@ -16,19 +16,19 @@ close a turn with a special token, is refused in one line, never trained with a 
 
 from __future__ import annotations
 
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import LorakitError
-from .specials import markers
+from .specials import markers, once_per_tokenizer
 
 REASONING_MODES = ("keep", "empty", "none")
 THINKING_SWITCH = "enable_thinking"
 """The template variable that turns a reasoning block off at inference, as Qwen3's, SmolLM3's and GLM's
 templates name it and vLLM passes it (chat_template_kwargs)."""
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Block(NamedTuple):
@@ -82,7 +82,6 @@ def _without_reasoning(message: dict, block) -> dict:
 
 
 PLAIN = Style()
-_LOCK = threading.Lock()
 
 
 def style_for(tokenizer, reasoning: str = "keep") -> Style:
@@ -93,30 +92,29 @@ def style_for(tokenizer, reasoning: str = "keep") -> Style:
 def reasoning_block(tokenizer) -> Block | None:
     """The reasoning block the chat template writes before an assistant's answer, read by rendering a probe
     exchange with and without reasoning; None where it writes none (read once per tokenizer)."""
-    with _LOCK:
-        if tokenizer in _BLOCKS:
-            return _BLOCKS[tokenizer]
-    found = None
-    if getattr(tokenizer, "chat_template", None):
-        question = [{"role": "user", "content": "PROBE-QUESTION"}]
-        answer = {"role": "assistant", "content": "PROBE-ANSWER"}
-        try:
-            prompt = render(tokenizer, question, generation_prompt=True)
-            plain = render(tokenizer, question + [answer])[len(prompt):]
-            reasoned = render(tokenizer, question + [{**answer, "reasoning_content": "PROBE-REASONING"}])[len(prompt):]
-            off = render(tokenizer, question, generation_prompt=True, **{THINKING_SWITCH: False})
-        except Exception:  # noqa: BLE001  (a template that cannot render a plain exchange writes no block)
-            plain = reasoned = off = ""
-        empty = plain[: plain.find("PROBE-ANSWER")] if "PROBE-ANSWER" in plain else ""
-        if empty.strip() and "PROBE-REASONING" in reasoned:
-            before, _, after = reasoned.partition("PROBE-REASONING")
-            block_open, block_close = before.strip(), after[: after.find("PROBE-ANSWER")].strip()
-            switch = THINKING_SWITCH if off == prompt + empty else None
-            if block_open and block_close and empty.strip().startswith(block_open):
-                found = Block(block_open, block_close, empty, switch)
-    with _LOCK:
-        _BLOCKS[tokenizer] = found
-    return found
+    return once_per_tokenizer(_BLOCKS, tokenizer, _probe_block)
+
+
+def _probe_block(tokenizer) -> Block | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    question = [{"role": "user", "content": "PROBE-QUESTION"}]
+    answer = {"role": "assistant", "content": "PROBE-ANSWER"}
+    try:
+        prompt = render(tokenizer, question, generation_prompt=True)
+        plain = render(tokenizer, question + [answer])[len(prompt):]
+        reasoned = render(tokenizer, question + [{**answer, "reasoning_content": "PROBE-REASONING"}])[len(prompt):]
+        off = render(tokenizer, question, generation_prompt=True, **{THINKING_SWITCH: False})
+    except Exception:  # noqa: BLE001  (a template that cannot render a plain exchange writes no block)
+        return None
+    empty = plain[: plain.find("PROBE-ANSWER")] if "PROBE-ANSWER" in plain else ""
+    if not empty.strip() or "PROBE-REASONING" not in reasoned:
+        return None
+    before, _, after = reasoned.partition("PROBE-REASONING")
+    block_open, block_close = before.strip(), after[: after.find("PROBE-ANSWER")].strip()
+    if not (block_open and block_close and empty.strip().startswith(block_open)):
+        return None
+    return Block(block_open, block_close, empty, THINKING_SWITCH if off == prompt + empty else None)
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False, style: Style = PLAIN, **kwargs) -> str:
@@ -243,8 +241,12 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
 
 
 def adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    """The tokenizer leads every text with BOS itself (asked once per tokenizer: with_bos runs per document)."""
+    def leads(tokenizer) -> bool:
+        bos = tokenizer.bos_token_id
+        return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+    return once_per_tokenizer(_LEADS, tokenizer, leads)
 
 
 def is_chat_model(tokenizer) -> bool:

@@ -11,7 +11,7 @@ Adding a family is one module here plus its tests (tests/test_families.py).
 
 from __future__ import annotations
 
-from .family import Family
+from .family import Family, rope_of
 from .gemma3 import FAMILY as GEMMA3
 from .llama import FAMILY as LLAMA
 from .qwen2 import FAMILY as QWEN2
@@ -20,7 +20,7 @@ from .qwen3 import FAMILY as QWEN3
 FAMILIES: tuple[Family, ...] = (QWEN2, QWEN3, LLAMA, GEMMA3)
 _BY_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
-__all__ = ["FAMILIES", "Family", "family_of", "find"]
+__all__ = ["FAMILIES", "Family", "rope_of", "family_of", "find"]
 
 
 def find(model_type: str | None) -> Family | None:

@@ -6,6 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def rope_of(config: dict) -> dict:
+    """A config's rope settings: transformers 5's rope_parameters (Gemma 3: the global layers' set), or an
+    older config's rope_scaling."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope.get("full_attention", rope)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .family import Family
+from .family import Family, rope_of
 
 LLAMA3 = ("{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
           "{{- range .Messages }}{{- if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
@@ -26,7 +26,7 @@ LLAMA31 = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date
 def rope_factors(config: dict) -> dict:
     """Llama 3.1's "llama3" rope scaling as llama.cpp's converter writes it (rope_freqs.weight): each rotary
     frequency's divisor, as transformers' _compute_llama3_parameters scales the frequencies."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = rope_of(config)
     if (rope.get("rope_type") or rope.get("type")) != "llama3":
         return {}
     heads = config["num_attention_heads"]

@@ -39,8 +39,6 @@ class Splitter:
             if text.lstrip() and self.block.open.startswith(text.lstrip()):
                 return "", ""  # the opening tag is still arriving
         reasoning, answer = split(text, self.block, self.thinking)
-        if reasoning is not None and not answer and self.block.close not in text:
-            answer = ""
         reasoning = reasoning or ""
         out = reasoning[self.sent[0]:], answer[self.sent[1]:]
         self.sent = (max(self.sent[0], len(reasoning)), max(self.sent[1], len(answer)))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LorakitError
-from ..families import FAMILIES, Family, family_of
+from ..families import FAMILIES, Family, family_of, rope_of
 from ..log import say
 from .gguf_vocab import write_vocabulary
 from .modelfile import modelfile, parse_modelfile  # noqa: F401  (this module's API too)
@@ -156,8 +156,7 @@ def write_adapter(folder: Path, base_config: dict, out: Path) -> dict:
 
 
 def _hyperparameters(writer, gguf, config: dict, quant: str) -> None:
-    rope = config.get("rope_parameters") or {}
-    rope = rope.get("full_attention", rope)  # Gemma 3: one set per layer type; the global layers' base
+    rope = rope_of(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -175,8 +174,7 @@ def _hyperparameters(writer, gguf, config: dict, quant: str) -> None:
 
 
 def _rope_scaling(folder: Path, config: dict) -> None:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope = rope.get("full_attention", rope)
+    rope = rope_of(config)
     kind = rope.get("rope_type") or rope.get("type") or "default"
     written = ("default", "llama3") if family_of(config).gguf_tensors else ("default",)
     if kind not in written and not (kind == "linear" and rope.get("factor", 1) == 1):
