@@ -83,6 +83,18 @@ def write_workload(folder: Path) -> tuple[Path, Path]:
     return cpt, sft
 
 
+def run_child(script: str, *args: str) -> dict:
+    """Run one benchmark in a fresh process (`script --child ARGS`) and return the RESULT it printed."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{' '.join(args)} failed")
+    return json.loads(line[0][7:])
+
+
 def device() -> str:
     import torch
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +24,12 @@ from pathlib import Path
 
 from common import (
     PEAK_KIND,
-    ROOT,
     device,
     ensure_model,
     flop_params,
     matmul_peak_gflops,
     peak_memory_gib,
+    run_child,
     write_workload,
 )
 
@@ -134,14 +133,7 @@ def main() -> None:
         if stage not in stages:
             continue
         for runner in ("plain", "lorakit"):
-            proc = subprocess.run([sys.executable, __file__, "--child", runner, stage, args.shape, str(limit),
-                                   str(args.batch)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{runner} {stage} failed")
-            r = json.loads(line[0][7:])
+            r = run_child(__file__, runner, stage, args.shape, str(limit), str(args.batch))
             r.update(stage=stage, runner=runner, tok_s=r["tokens"] / r["seconds"])
             r["mfu"] = 4 * params * r["tok_s"] / (peak * 1e9)
             rows.append(r)

@@ -30,6 +30,7 @@ def data_text(folder, output, overwrite):
 def data_prepare(recipe, overrides):
     """Tokenize and pack a RECIPE's data into the cache now (training then starts at once), with its figures."""
     from ..data.prepare import prepare
+    from ..stages import stage as stage_of
     from ..weights.folders import base_of
     from ..weights.loading import load_tokenizer
 
@@ -38,7 +39,7 @@ def data_prepare(recipe, overrides):
         raise LorakitError("data.streaming is on: the data is tokenized while training reads it, never prepared ahead")
     prepared = prepare(r, load_tokenizer(r.model or base_of(r.parent), r.trust_remote_code))
     s = prepared.stats
-    what = "documents" if r.stage == "cpt" else "conversations"
+    what = {"text": "documents", "chat": "conversations"}.get(stage_of(r.stage).data, "answers")
     click.echo(f"{s['examples']:,} {what} -> {s['rows']:,} rows of up to {r.data.max_length} tokens: "
                f"{s['tokens']:,} tokens, {s['trained_tokens']:,} trained"
                + (f", {s['split']:,} documents split into blocks" if s.get("split") else "")

@@ -126,11 +126,13 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 
     from ..inference.evaluate import answers, markdown_report, read_prompts
     from ..inference.generate import Sampling
+    from ..stages import stage as stage_of
 
     session = open_session(model, adapters, force)
     if mode == "auto":
         stages = {m.stage for m in session.manifests.values() if m}
-        mode = "chat" if "sft" in stages or not stages and session.tokenizer.chat_template else "text"
+        mode = "chat" if any(stage_of(s).chat for s in stages) or not stages and session.tokenizer.chat_template \
+            else "text"
     sampling = Sampling(max_new_tokens=max_new_tokens, greedy=not sample, seed=seed)
     texts = read_prompts(prompts)
     table = answers(session, texts, sampling, mode)

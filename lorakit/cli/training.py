@@ -62,15 +62,17 @@ def validate(recipe, overrides):
 def preview(recipe, overrides, examples):
     """Show the first examples as the model sees them: [[trained]] spans marked, the rest masked."""
     from ..data.prepare import first_examples, prepare
-    from ..data.preview import spans
+    from ..data.preview import side_name, spans
+    from ..stages import stage as stage_of
     from ..weights.folders import base_of
     from ..weights.loading import load_tokenizer
 
     r = load(recipe, overrides)
     tokenizer = load_tokenizer(r.model or base_of(r.parent))
     data = prepare(r, tokenizer)  # every record checked; the figures below are the training rows'
-    for example in first_examples(r, tokenizer, examples):
-        click.echo(click.style(f"--- {example.where}", bold=True))
+    per_record = 2 if stage_of(r.stage).preference else 1  # both answers of a record
+    for example in first_examples(r, tokenizer, examples * per_record):
+        click.echo(click.style(f"--- {example.where}{side_name(r.stage, example.side)}", bold=True))
         click.echo("".join(click.style(f"[[{t}]]", fg="green") if trained else t
                            for t, trained in spans(example, tokenizer)))
     s = data.stats

@@ -22,17 +22,21 @@ class Example:
     where: str
     continues: bool = False
     """CPT: a piece of a long document (tokenized in pieces) that the next example goes on with."""
+    side: int | None = None
+    """Preference stages: the answer's side (stages.CHOSEN, REJECTED or KL); None for CPT and SFT."""
 
 
-def row(pieces: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
-    """One training row of examples (ids, labels) side by side, positions restarting for each."""
+def row(pieces: list[tuple[list[int], list[int]]], sides: list[int] | None = None) -> dict[str, list[int]]:
+    """One training row of examples (ids, labels) side by side, positions restarting for each; with `sides`
+    (preference stages), each example's side, in order."""
     ids, labels, positions = [], [], []
     for index, (piece_ids, piece_labels) in enumerate(pieces):
         ids += piece_ids
         # The first token of a later piece would be "predicted" from the previous example: not a target.
         labels += ([IGNORE] + piece_labels[1:]) if index else piece_labels
         positions += range(len(piece_ids))
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    made = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return made if sides is None else {**made, "sides": sides}
 
 
 def stream_blocks(examples: Iterable[Example], max_length: int, packing: bool, counts: dict | None = None) -> Iterator[dict]:
@@ -105,11 +109,24 @@ def first_fit(lengths: Sequence[int], max_length: int) -> list[list[int]]:
 
 
 def pack_examples(examples: list[Example], max_length: int, packing: bool) -> list[dict]:
-    """SFT rows: whole examples (already truncated to max_length), packed first-fit, longest first."""
+    """SFT rows: whole examples (already truncated to max_length), packed first-fit, longest first.
+    Preference examples come in twos (chosen and rejected, or KTO's answer and its KL sequence) that stay
+    together in one row (pair_rows)."""
+    if examples and examples[0].side is not None:
+        return [row([(e.input_ids, e.labels) for e in unit], [e.side for e in unit])
+                for unit in pair_rows(examples, [len(e.input_ids) for e in examples], max_length, packing)]
     if not packing:
         return [row([(e.input_ids, e.labels)]) for e in examples]
     return [row([(examples[i].input_ids, examples[i].labels) for i in group])
             for group in first_fit([len(e.input_ids) for e in examples], max_length)]
+
+
+def pair_rows(examples, lengths: Sequence[int], max_length: int, packing: bool):
+    """The examples of each row, two by two (a preference unit), packed first-fit into rows of max_length tokens
+    as SFT's are; a pair longer than that has a row of its own (up to 2 x max_length)."""
+    units = [lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2)]
+    groups = first_fit(units, max_length) if packing else [[u] for u in range(len(units))]
+    return [[examples[i] for u in group for i in (2 * u, 2 * u + 1)] for group in groups]
 
 
 class Collator:
@@ -134,4 +151,24 @@ class Collator:
             batch["labels"].append(r["labels"] + [IGNORE] * gap)
             # Padding restarts its positions, so it is a segment of its own that no real token sees.
             batch["position_ids"].append(r["position_ids"] + list(range(gap)))
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if "sides" in rows[0]:
+            out.update(_sequences(rows, width))
+        return out
+
+
+def _sequences(rows: list[dict], width: int) -> dict[str, torch.Tensor]:
+    """Preference batches: each token's sequence (numbered across the batch; -1 for padding) and each
+    sequence's side, and its reference log-probability where it was precomputed."""
+    segment, sides, reference, count = [], [], [], 0
+    for r in rows:
+        starts = torch.tensor(r["position_ids"]) == 0
+        numbers = (starts.cumsum(0) - 1 + count).tolist()
+        segment.append(numbers + [-1] * (width - len(numbers)))
+        sides += r["sides"]
+        reference += r.get("reference") or []
+        count += len(r["sides"])
+    out = {"segment": torch.tensor(segment, dtype=torch.long), "sides": torch.tensor(sides, dtype=torch.long)}
+    if reference:
+        out["reference"] = torch.tensor(reference, dtype=torch.float32)
+    return out

@@ -129,7 +129,8 @@ def _system(value: dict, where: str) -> list[dict]:
     return [{"role": "system", "content": value["system"]}]
 
 
-def _checked(messages: Any, where: str, field: str) -> list[dict]:
+def _checked(messages: Any, where: str, field: str, answer: bool = True) -> list[dict]:
+    """The messages, each a known role with string content; `answer`: there is an assistant turn to train on."""
     if not isinstance(messages, list) or not messages:
         raise LorakitError(f"{where}: field `{field}` must be a non-empty list")
     checked = []
@@ -150,9 +151,12 @@ def _checked(messages: Any, where: str, field: str) -> list[dict]:
                 raise LorakitError(f"{where}: messages[{i}].reasoning_content must be a string")
             check_unicode(reasoning, where, f"messages[{i}].reasoning_content")
             checked[-1]["reasoning_content"] = reasoning
-    if not any(m["role"] == "assistant" for m in checked):
+    if answer and not any(m["role"] == "assistant" for m in checked):
         raise LorakitError(f"{where}: no assistant turn to train on")
     return checked
+
+
+checked_messages = _checked
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import random
 
+from ..stages import stage as stage_of
+
 
 def targets(counts: list[int], weights: list[float] | None) -> list[int]:
     """Examples each source contributes per epoch."""
@@ -29,9 +31,12 @@ def pick(available: int, wanted: int, rng: random.Random) -> list[int]:
 
 
 def units(part, stage: str) -> list[tuple[int, int]]:
-    """(start, end) example ranges drawn as one: an example, or a CPT document's run of pieces."""
-    if stage != "cpt":
-        return [(i, i + 1) for i in range(len(part))]
+    """(start, end) example ranges drawn as one: an example, a preference record's two, or a CPT document's run
+    of pieces."""
+    kind = stage_of(stage).data
+    if kind != "text":
+        step = 1 if kind == "chat" else 2
+        return [(i, i + step) for i in range(0, len(part), step)]
     found, start = [], 0
     for index, more in enumerate(part["continues"]):
         if not more:
@@ -69,7 +74,7 @@ def mix(parts: list, labels: list[str], weights: list[float] | None, seed: int, 
 
 def describe(report: list[dict], stage: str) -> str:
     """One line for the log: each source's share, how it was drawn, and its share of the tokens."""
-    what = "documents" if stage == "cpt" else "conversations"
+    what = {"text": "documents", "chat": "conversations"}.get(stage_of(stage).data, "preference records")
     shown = []
     for r in report:
         drawn = "all" if r["used"] == r["available"] else (

@@ -25,9 +25,10 @@ from pathlib import Path
 from ..errors import LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
+from ..stages import stage as stage_of
 from ..system.processes import children_die_with_me
 from . import cache
-from .blocks import IGNORE, Example, first_fit, row, stream_blocks
+from .blocks import IGNORE, Example, first_fit, pair_rows, row, stream_blocks
 from .files import Source
 from .mix import describe, mix, units
 from .sources import (
@@ -61,7 +62,7 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
                            _mixes(parts) else None, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "stage": stage, "max_length": data.max_length, "packing": data.packing,
                            "system_prompt": settings.system_prompt, "field": data.field,
-                           "reasoning": data.reasoning if stage == "sft" else None})
+                           "reasoning": data.reasoning if stage_of(stage).chat else None})
     root = (Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_dir()).resolve()
     folder = _entry(root, key, lambda partial: _build(partial, recipe, parts, eval_source, tokenizer, settings))
     return _load(folder, data_hash, settings.system_prompt)
@@ -224,7 +225,12 @@ def _checked(examples, settings: TokenizeSettings, tokenizer, notes: list[str], 
     kept = examples.filter(lambda length: length > 0, input_columns="length") if settings.stage == "cpt" else examples
     if len(kept) == 0:
         raise LorakitError(f"{label}: no {'non-empty documents' if settings.stage == 'cpt' else 'conversations'} found")
-    if settings.stage == "sft":
+    if stage_of(settings.stage).preference:
+        cut = len(kept) - eot
+        if cut:
+            notes.append(f"{cut} of {len(kept)} answers were truncated to max_length={settings.max_length} before "
+                         f"their end-of-turn token")
+    elif settings.stage == "sft":
         cut = len(kept) - eot
         if cut == len(kept):
             eot = end_of_turn(tokenizer, style_for(tokenizer, settings.reasoning))
@@ -253,8 +259,9 @@ def _iter_examples(examples, order: list[int] | None = None) -> Iterator[Example
     source = examples.select(order) if order is not None else examples
     for batch in source.iter(batch_size=WRITE_ROWS):
         more = batch.get("continues") or [False] * len(batch["where"])
-        for ids, labels, where, continues in zip(batch["input_ids"], batch["labels"], batch["where"], more):
-            yield Example(ids, labels or ids, where, continues)
+        sides = batch.get("side") or [-1] * len(batch["where"])
+        for ids, labels, where, continues, side in zip(batch["input_ids"], batch["labels"], batch["where"], more, sides):
+            yield Example(ids, labels or ids, where, continues, None if side < 0 else side)
 
 
 def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool) -> dict:
@@ -264,15 +271,22 @@ def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool
     from tqdm.auto import tqdm
 
     counts: dict = {}
+    preference = stage_of(stage).preference
     if stage == "cpt":
         rows = stream_blocks(_iter_examples(examples), max_length, packing, counts)
+    elif preference:  # two by two: each unit's examples side by side in one row
+        groups = pair_rows(list(range(len(examples))), examples["length"], max_length, packing)
+        flat = _iter_examples(examples, [i for group in groups for i in group])
+        rows = (row([(e.input_ids, e.labels) for e in unit], [e.side for e in unit])
+                for unit in ([next(flat) for _ in group] for group in groups))
     elif packing:
         groups = first_fit(examples["length"], max_length)
         flat = _iter_examples(examples, [i for group in groups for i in group])
         rows = (row([(e.input_ids, e.labels) for e in (next(flat) for _ in group)]) for group in groups)
     else:
         rows = (row([(e.input_ids, e.labels)]) for e in _iter_examples(examples))
-    features = Features({name: Sequence(Value("int32")) for name in ("input_ids", "labels", "position_ids")})
+    columns = ("input_ids", "labels", "position_ids") + (("sides",) if preference else ())
+    features = Features({name: Sequence(Value("int32")) for name in columns})
     stats = {"examples": len(examples), "rows": 0, "tokens": 0, "trained_tokens": 0, "eval_rows": 0}
     with ArrowWriter(features=features, path=str(path), writer_batch_size=WRITE_ROWS) as writer:
         for packed in tqdm(rows, desc="packing rows", unit=" rows", disable=not is_main(), mininterval=1):

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import LorakitError, first_line
 from ..recipe import Recipe
+from ..stages import stage as stage_of
 from ..system.hub import hub_reachable
 from .files import (
     RECORD_SUFFIXES,
@@ -56,7 +57,7 @@ def plan(recipe: Recipe, tokenizer) -> tuple[list[Part], Source | None, Tokenize
     data, stage = recipe.data, recipe.stage
     suffixes = TEXT_SUFFIXES if stage == "cpt" else RECORD_SUFFIXES
     system_prompt = None
-    if stage == "sft":
+    if stage_of(stage).chat:
         system_prompt = data.system_prompt if data.system_prompt is not None else template_system_prompt(tokenizer)
     settings = TokenizeSettings(stage, data.max_length, system_prompt, data.field, data.reasoning)
     parts = [Part(resolve(s.path, suffixes, s.split), dataclasses.replace(settings, field=s.field), s.weight)

@@ -65,12 +65,12 @@ def _stream_examples(source: Source, tokenizer, settings: TokenizeSettings) -> I
 
 def _examples_of(batch: dict, tokenizer, settings: TokenizeSettings) -> Iterator[Example]:
     out = tokenize_batch(batch, tokenizer, settings)
-    for where, ids, labels, error, more in zip(out["where"], out["input_ids"], out["labels"], out["error"],
-                                               out["continues"]):
+    for where, ids, labels, error, more, side in zip(out["where"], out["input_ids"], out["labels"], out["error"],
+                                                     out["continues"], out["side"]):
         if error:
             raise LorakitError(error)
         if ids:
-            yield Example(ids, labels or ids, where, more)
+            yield Example(ids, labels or ids, where, more, None if side < 0 else side)
 
 
 def _stream_rows(source: Source, tokenizer, settings: TokenizeSettings, packing: bool) -> Iterator[dict]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LorakitError
+from ..stages import stage as stage_of
 from .blocks import IGNORE
 from .chat import to_messages, tokenize_conversation
 from .files import Record, parse
+from .pairs import to_preference, tokenize_answers, with_kl
 from .specials import encode_text, holds_markers
 from .template import end_of_turn, style_for, with_bos, with_system
 from .text import document_text
@@ -33,16 +35,21 @@ def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
     """Columns: where and file (of the record), input_ids, labels (empty for CPT: every token is trained),
     length, error, unread (fields lorakit did not read), eot (the end-of-turn token is trained; SFT), literal
     (the record spells a special token, which is tokenized as text), continues (CPT: a piece of a long
-    document that the next row goes on with). A conversation may make more than one row
-    (template.rendered_examples), the first carrying its notes."""
+    document that the next row goes on with), side (preference stages: each answer's, stages.CHOSEN...). A
+    conversation may make more than one row (template.rendered_examples), the first carrying its notes; a
+    preference record makes two (chosen and rejected, or KTO's answer and its KL sequence)."""
     out = {"where": [], "file": [], "input_ids": [], "labels": [], "length": [], "error": [], "unread": [],
-           "eot": [], "literal": [], "continues": []}
+           "eot": [], "literal": [], "continues": [], "side": []}
     files = batch.get("file") or [""] * len(batch["where"])
-    if settings.stage == "cpt":
+    kind = stage_of(settings.stage).data
+    if kind == "text":
         _documents(batch, files, tokenizer, settings, out)
         return out
     style = style_for(tokenizer, settings.reasoning)
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, style))
+    if kind != "chat":
+        _preferences(batch, files, tokenizer, settings, style, eot_id, out)
+        return out
     for where, file, raw in zip(batch["where"], files, batch["raw"]):
         try:
             messages, unread = to_messages(_record(where, raw, settings.field, "messages"))
@@ -61,6 +68,32 @@ def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
             _add(out, where, file, example.input_ids, example.labels, "", [] if index else unread,
                  eot_id in example.labels, literal)
     return out
+
+
+def _preferences(batch: dict, files: list[str], tokenizer, settings: TokenizeSettings, style, eot_id: int,
+                 out: dict) -> None:
+    """Two examples per record (data/pairs.py); a bad record makes two error rows, so records stay in twos."""
+    kind, read = stage_of(settings.stage).data, []
+    for where, file, raw in zip(batch["where"], files, batch["raw"]):
+        try:
+            prompt, answers, unread = to_preference(_record(where, raw, None, "prompt"), kind)
+            read.append((where, file, prompt, answers, unread))
+        except LorakitError as exc:
+            _failed(out, where, file, str(exc), side=0)
+            _failed(out, where, file, str(exc), side=0)
+    units = with_kl([(p, a) for _, _, p, a, _ in read]) if kind == "unpaired" else [a for _, _, _, a, _ in read]
+    for (where, file, prompt, _, unread), answers in zip(read, units):
+        try:
+            examples = tokenize_answers(tokenizer, prompt, answers, settings.system_prompt, settings.max_length,
+                                        where, style)
+        except LorakitError as exc:
+            _failed(out, where, file, str(exc), side=0)
+            _failed(out, where, file, str(exc), side=0)
+            continue
+        literal = holds_markers(tokenizer, [m["content"] for m in prompt] + [a["content"] for _, a in answers])
+        for index, example in enumerate(examples):
+            _add(out, where, file, example.input_ids, example.labels, "", [] if index else unread,
+                 eot_id in example.labels, literal, side=example.side)
 
 
 def _documents(batch: dict, files: list[str], tokenizer, settings: TokenizeSettings, out: dict) -> None:
@@ -99,7 +132,7 @@ def _record(where: str, raw: str, field: str | None, standard: str) -> Record:
 
 
 def _add(out: dict, where: str, file: str, ids: list[int], labels: list[int], error: str, unread: list[str],
-         eot: bool, literal: bool = False, continues: bool = False) -> None:
+         eot: bool, literal: bool = False, continues: bool = False, side: int = -1) -> None:
     out["where"].append(where)
     out["file"].append(file)
     out["input_ids"].append(ids)
@@ -110,10 +143,11 @@ def _add(out: dict, where: str, file: str, ids: list[int], labels: list[int], er
     out["eot"].append(eot)
     out["literal"].append(literal)
     out["continues"].append(continues)
+    out["side"].append(side)
 
 
-def _failed(out: dict, where: str, file: str, error: str) -> None:
-    _add(out, where, file, [], [], error, [], False)
+def _failed(out: dict, where: str, file: str, error: str, side: int = -1) -> None:
+    _add(out, where, file, [], [], error, [], False, side=side)
 
 
 BATCH = 256

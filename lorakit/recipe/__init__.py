@@ -4,15 +4,34 @@ command line's overrides (loading.py)."""
 from .loading import ALIASES, SECTIONS, RecipeKeyError, load_recipe
 from .settings import (
     OUTSIDE_THE_BLOCKS,
+    PREFERENCE_LOSSES,
     REPORTS,
+    STAGES,
     DataSettings,
     DataSource,
     LoraSettings,
+    PrefSettings,
     QuantSettings,
     Recipe,
     TrainSettings,
     output_path,
 )
 
-__all__ = ["ALIASES", "OUTSIDE_THE_BLOCKS", "REPORTS", "SECTIONS", "DataSettings", "DataSource", "LoraSettings",
-           "QuantSettings", "Recipe", "RecipeKeyError", "TrainSettings", "load_recipe", "output_path"]
+__all__ = [
+    "ALIASES",
+    "OUTSIDE_THE_BLOCKS",
+    "PREFERENCE_LOSSES",
+    "REPORTS",
+    "SECTIONS",
+    "STAGES",
+    "DataSettings",
+    "DataSource",
+    "LoraSettings",
+    "PrefSettings",
+    "QuantSettings",
+    "Recipe",
+    "RecipeKeyError",
+    "TrainSettings",
+    "load_recipe",
+    "output_path",
+]

@@ -15,9 +15,17 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import LorakitError, first_line
-from .settings import DataSettings, LoraSettings, QuantSettings, Recipe, TrainSettings
+from .settings import (
+    DataSettings,
+    LoraSettings,
+    PrefSettings,
+    QuantSettings,
+    Recipe,
+    TrainSettings,
+)
 
-SECTIONS = {"data": DataSettings, "lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings}
+SECTIONS = {"data": DataSettings, "lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings,
+            "pref": PrefSettings}
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -97,6 +105,11 @@ ALIASES = {
     "finetuning_type": "method", "load_in_4bit": "method: qlora (with quant.bits: 4)",
     "load_in_8bit": "method: qlora (with quant.bits: 8)", "adapter_name_or_path": "parent", "lora_model_dir": "parent",
     "bnb_4bit_quant_type": "quant.type", "bnb_4bit_use_double_quant": "quant.double_quant",
+    "rl": "stage", "pref_beta": "pref.beta", "dpo_beta": "pref.beta", "pref_loss": "pref.loss",
+    "loss_type": "pref.loss", "rl_beta": "pref.beta", "pref_ftx": "pref.sft_weight", "rpo_alpha": "pref.sft_weight",
+    "cpo_alpha": "pref.sft_weight", "simpo_gamma": "pref.simpo_gamma", "precompute_ref_log_probs": "pref.reference",
+    "kto_desirable_weight": "pref.desirable_weight", "kto_undesirable_weight": "pref.undesirable_weight",
+    "dpo_label_smoothing": "pref.label_smoothing",
 }
 
 

@@ -43,7 +43,9 @@ class DataSettings:
     record (text, messages, ShareGPT, Alpaca), so sources may differ in format."""
     max_length: int = 1024
     """Tokens per training sequence. CPT documents longer than this are split into blocks, never cut;
-    SFT conversations longer than this are truncated (and checked to keep trained tokens)."""
+    SFT conversations longer than this are truncated (and checked to keep trained tokens); so is each prompt +
+    answer of a preference pair, and a packed row of pairs holds up to this many tokens (a longer pair has a
+    row of its own)."""
     packing: bool = True
     """Pack several short examples into one sequence (attention never crosses examples) so no
     compute is spent on padding. Off: one example per row, padded per batch."""
@@ -143,6 +145,61 @@ class DataSettings:
 
 
 REPORTS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+STAGES = ("cpt", "sft", "dpo", "kto", "orpo", "simpo")
+"""The training stages (one module each in lorakit/stages/, registered there)."""
+PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+                     "sigmoid_norm")
+"""DPO's losses, by trl's names (trl.DPOConfig.loss_type)."""
+
+
+@dataclass(frozen=True)
+class PrefSettings:
+    """The preference stages (dpo, kto, orpo, simpo): the loss and its weights. Names follow trl's configs."""
+
+    beta: float | None = None
+    """How far the adapter may move from the reference (DPO, KTO), or the scale of the rewards (ORPO's lambda,
+    SimPO's beta). None: the stage's own default (dpo 0.1, kto 0.1, orpo 0.1, simpo 2.0)."""
+    loss: str | list[str] = "sigmoid"
+    """dpo: trl's loss_type, or a list of them summed with loss_weights: sigmoid (DPO), hinge (SLiC), ipo,
+    robust (with label_smoothing), bco_pair, nca_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm."""
+    loss_weights: list[float] | None = None
+    """dpo: a weight per entry of `loss` (None: 1 each)."""
+    sft_weight: float = 0.0
+    """The chosen answer's negative log-likelihood (mean per token) added with this weight: trl's "sft" loss,
+    LLaMA-Factory's pref_ftx, CPO's alpha. 0: the pure preference loss. ORPO's own NLL term is always on."""
+    label_smoothing: float = 0.0
+    """dpo robust and simpo: the assumed share of pairs whose labels are flipped (cDPO)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target margin between the chosen and rejected answers' average log-probabilities (x beta)."""
+    desirable_weight: float = 1.0
+    """kto: the weight of the losses of desirable (label true) completions."""
+    undesirable_weight: float = 1.0
+    """kto: the weight of the losses of undesirable (label false) completions."""
+    reference: Literal["live", "precomputed"] = "live"
+    """dpo, kto: where the reference log-probabilities come from. live: a second forward pass each step through
+    the same model with the adapter switched off (no second model in memory; the parent chain stays applied;
+    method full keeps an explicit frozen copy). precomputed: one pass over the data before training, kept in
+    the data cache beside the rows (later runs reuse it); training then runs one forward pass per step."""
+
+    @property
+    def losses(self) -> list[str]:
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    def __post_init__(self):
+        unknown = [name for name in self.losses if name not in PREFERENCE_LOSSES]
+        if unknown or not self.losses:
+            raise LorakitError(f"pref.loss {unknown[0] if unknown else self.loss!r}: expected one or more of "
+                               f"{', '.join(PREFERENCE_LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.losses):
+            raise LorakitError(f"pref.loss_weights has {len(self.loss_weights)} weight(s) for {len(self.losses)} "
+                               f"loss(es) in pref.loss")
+        if self.beta is not None and self.beta <= 0:
+            raise LorakitError(f"pref.beta must be positive, got {self.beta}")
+        for name in ("sft_weight", "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                raise LorakitError(f"pref.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise LorakitError(f"pref.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 # The output head is applied by lorakit's chunked loss and the embeddings are tied to it in small Qwen2
 # models; a LoRA on either would be skipped by that loss or break the tie.
 OUTSIDE_THE_BLOCKS = ("lm_head", "embed_tokens")
@@ -265,8 +322,9 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class Recipe:
-    stage: Literal["cpt", "sft"]
-    """cpt: raw text, loss on every token. sft: conversations, loss on assistant tokens only."""
+    stage: Literal["cpt", "sft", "dpo", "kto", "orpo", "simpo"]
+    """cpt: raw text, loss on every token. sft: conversations, loss on assistant tokens only. dpo, orpo, simpo:
+    pairs of a chosen and a rejected answer to one prompt; kto: single answers labelled good or bad (see `pref`)."""
     data: DataSettings
     model: str | None = None
     """A hub id (Qwen/Qwen2-0.5B) or a local model folder. May be left out when `parent` is set:
@@ -289,6 +347,7 @@ class Recipe:
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    pref: PrefSettings = field(default_factory=PrefSettings)
     name: str = "recipe"
     """The recipe's name; defaults to its file name."""
 
@@ -299,6 +358,12 @@ class Recipe:
             raise LorakitError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only")
         if self.data.streaming and self.train.max_steps <= 0:
             raise LorakitError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
+        if self.stage in ("dpo", "kto", "orpo", "simpo"):
+            if self.data.field:
+                raise LorakitError(f"data.field: a {self.stage} record's fields are read by name (prompt, chosen, "
+                                   f"rejected, completion, label); rename them in the data")
+            if self.data.streaming:
+                raise LorakitError(f"data.streaming: the {self.stage} stage needs its data prepared (turn streaming off)")
         if self.output and ".." in Path(self.output).parts:
             raise LorakitError(f"output {self.output!r} must not climb out of its folder with '..'")
 

@@ -41,6 +41,8 @@ class Job:
     checkpoint: Path | None = None
     """Where --resume continues from; None for a fresh run."""
     run_id: str = ""
+    reference_model: Any = None
+    """Preference stages with method full: the frozen copy the policy is compared with."""
 
     @property
     def out(self) -> Path:

@@ -88,12 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += _target_log_probs(chosen, logits, t).neg().sum()
             grad[picked, t] = chosen - 1
             del logits
-            grad = grad.to(weight.dtype)
-            grad_hidden[start:start + CHUNK_TOKENS] = grad @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
+            through_head(grad, h, weight, start, grad_hidden, grad_weight, grad_bias)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total
 
@@ -102,6 +97,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scaled = [None if g is None else g * grad_total for g in (grad_weight, grad_bias)]
         return (grad_hidden * grad_total).to(ctx.hidden_dtype), *scaled, None
+
+
+def through_head(grad, hidden, weight, start: int, grad_hidden, grad_weight, grad_bias) -> None:
+    """One chunk's gradient of the logits taken back through the head: into the hidden states' gradient (at
+    `start`), and added to the head's own where it trains."""
+    grad = grad.to(weight.dtype)
+    grad_hidden[start:start + CHUNK_TOKENS] = grad @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.t(), hidden)
+    if grad_bias is not None:
+        grad_bias += grad.sum(0)
 
 
 def _target_log_probs(chosen: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

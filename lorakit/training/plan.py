@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..recipe import Recipe
+from ..stages import stage as stage_of
 from .loss import CHUNK_TOKENS
 
 GIB = 2**30
@@ -71,8 +72,9 @@ def lora_params(shape: Shape, r: int, target) -> int:
 
 
 def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: torch.dtype, device: str,
-             batch: int, seq: int, checkpointing: bool) -> dict[str, float]:
-    """Bytes of each part of the peak."""
+             batch: int, seq: int, checkpointing: bool, reference: bool = False) -> dict[str, float]:
+    """Bytes of each part of the peak; `reference`: a frozen copy of the model in the compute dtype (a preference
+    stage's reference with method full)."""
     width = torch.finfo(dtype).bits // 8
     other = shape.params - shape.block_linear_params
     if method == "qlora":  # linear weights in 4/8 bits (+ scales); the rest in fp32 after k-bit preparation
@@ -99,6 +101,7 @@ def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: tor
         "gradients and AdamW state": trainable * 12,
         "activations": checkpointed if checkpointing else activations,
         "logits": logits,
+        "reference": shape.params * width if reference else 0,
         "_activations_without": activations,
         "_activations_with": checkpointed,
         "_trainable_params": trainable,
@@ -126,8 +129,9 @@ def largest(fits, limit: int, step: int) -> int:
 def _settings(recipe: Recipe, device: str) -> dict:
     from ..weights.loading import resolve_dtype
 
+    copy = recipe.method == "full" and stage_of(recipe.stage).reference and recipe.pref.reference == "live"
     return {"method": recipe.method, "bits": recipe.quant.bits, "r": recipe.lora.r, "target": recipe.lora.target,
-            "dtype": resolve_dtype(recipe.train.dtype, device), "device": device}
+            "dtype": resolve_dtype(recipe.train.dtype, device), "device": device, "reference": copy}
 
 
 def plan(recipe: Recipe, budget: float | None = None, device: str | None = None) -> dict:
@@ -140,7 +144,9 @@ def plan(recipe: Recipe, budget: float | None = None, device: str | None = None)
     from .trainer import micro_batch
 
     shape, settings = Shape.of(config), _settings(recipe, device)
-    batch, seq, ckpt = micro_batch(recipe, device), recipe.data.max_length, recipe.train.gradient_checkpointing
+    # A preference row holds a pair: up to two sequences of data.max_length tokens.
+    seq = recipe.data.max_length * (2 if stage_of(recipe.stage).preference else 1)
+    batch, ckpt = micro_batch(recipe, device), recipe.train.gradient_checkpointing
     parts = estimate(shape, batch=batch, seq=seq, checkpointing=ckpt, **settings)
     report = {"shape": shape, "device": device, "dtype": settings["dtype"], "batch": batch, "seq": seq,
               "parts": parts, "total": total(parts),
@@ -166,8 +172,10 @@ def format_plan(name: str, recipe: Recipe, report: dict) -> str:
     labels = {"runtime": "runtime (torch and libraries)", "weights": "base weights",
               "trainable": f"trainable parameters ({parts['_trainable_params'] / 1e6:.1f}M, fp32)",
               "gradients and AdamW state": "gradients + AdamW state", "activations": "activations",
-              "logits": "logits (chunked loss)"}
+              "logits": "logits (chunked loss)", "reference": "reference model (frozen copy, full)"}
     for key, label in labels.items():
+        if key == "reference" and not parts[key]:
+            continue
         lines.append(f"  {label:<42} {gib(parts[key])}")
     lines.append(f"  {'expected peak':<42} {gib(report['total'])}   (activation checkpointing "
                  f"{'on' if recipe.train.gradient_checkpointing else 'off'})")

@@ -15,10 +15,11 @@ from .loss import perplexity
 class ProgressCallback(TrainerCallback):
     """A bar with step, loss, tokens/s and ETA; every log line appended to metrics.jsonl."""
 
-    def __init__(self, metrics_path: Path, collator, stop: StopRequest):
+    def __init__(self, metrics_path: Path, collator, stop: StopRequest, preference: bool = False):
         self.metrics_path = metrics_path
         self.collator = collator
         self.stop = stop
+        self.preference = preference  # its eval loss is no perplexity: its metrics (rewards/...) are logged instead
         self.bar = None
         self.start = 0.0
         self.resumed_tokens, self.resumed_seconds = 0, 0.0  # what the run had done before a resume
@@ -60,8 +61,9 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
-            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"],
-                               "eval_ppl": perplexity(logs["eval_loss"])})
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"], **_stage_metrics(logs)}
+                              if self.preference else {"step": state.global_step, "eval_loss": logs["eval_loss"],
+                                                       "eval_ppl": perplexity(logs["eval_loss"])})
             self._append(self.evals[-1])
             return
         if "loss" not in logs:
@@ -70,11 +72,12 @@ class ProgressCallback(TrainerCallback):
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
-                 "elapsed_s": round(elapsed, 2)}
+                 "elapsed_s": round(elapsed, 2), **_stage_metrics(logs)}
         self.history.append(entry)
         self._append(entry)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=entry["tokens_per_s"], refresh=False)
+            accuracy = {"acc": f"{entry['rewards/accuracies']:.2f}"} if "rewards/accuracies" in entry else {}
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", **accuracy, tok_s=entry["tokens_per_s"], refresh=False)
 
     def _append(self, entry: dict) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
@@ -95,7 +98,14 @@ class ProgressCallback(TrainerCallback):
             return {}
         last = self.history[-1]
         return {"first_loss": self.history[0]["loss"], "final_loss": last["loss"], "steps": last["step"],
-                "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "runtime_s": last["elapsed_s"]}
+                "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "runtime_s": last["elapsed_s"],
+                **_stage_metrics(last)}
+
+
+def _stage_metrics(logs: dict) -> dict:
+    """A preference stage's own metrics (rewards/chosen, rewards/accuracies, kl, ...) as logged."""
+    return {k: v for k, v in logs.items() if "/" in k or k.removeprefix("eval_") in ("kl", "log_odds_ratio",
+                                                                                     "log_odds_chosen")}
 
 
 def _sum_over_processes(count: int) -> int:
@@ -111,6 +121,22 @@ def _sum_over_processes(count: int) -> int:
     return int(total.item())
 
 
+def _plot_rewards(ax, history: list[dict], evals) -> None:
+    steps = [h["step"] for h in history if "rewards/accuracies" in h]
+    ax.plot(steps, [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h], label="reward accuracy")
+    if any("rewards/margins" in h for h in history):
+        ax.plot(steps, [h.get("rewards/margins", 0) for h in history if "rewards/accuracies" in h], label="reward margin")
+    held = [e for e in evals if "eval_rewards/accuracies" in e]
+    if held:
+        ax.plot([e["step"] for e in held], [e["eval_rewards/accuracies"] for e in held], marker="o",
+                label="held-out accuracy")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("step")
+    ax.set_title("chosen vs rejected")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def plot_loss(history: list[dict], out: Path, title: str, evals: list[dict] = ()) -> None:
     """The loss curve (and the eval loss, if any) as a PNG beside the adapter."""
     import matplotlib
@@ -118,7 +144,11 @@ def plot_loss(history: list[dict], out: Path, title: str, evals: list[dict] = ()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    preference = any("rewards/accuracies" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(11 if preference else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if preference:  # what a preference run is for: chosen answers winning, by a growing margin
+        _plot_rewards(axes[0][1], history, evals)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 60 else None,
             label="training loss")
     if evals:

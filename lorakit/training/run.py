@@ -18,6 +18,7 @@ from ..data.template import is_chat_model, reasoning_block, template_check
 from ..errors import Interrupted, LorakitError
 from ..log import is_main, say
 from ..recipe import Recipe
+from ..stages import stage as stage_of
 from ..system.allocator import keep_freed_memory
 from ..weights.folders import (
     adapter_chain,
@@ -63,7 +64,9 @@ from .checkpoints import (
 )
 from .distributed import check_ranks_agree, check_world, local_device, world_size
 from .job import Job, RunOptions
+from .preference import reference_copy
 from .progress import plot_loss
+from .reference import with_reference
 from .trainer import build_trainer, micro_batch
 
 __all__ = ["RunOptions", "run"]
@@ -148,7 +151,7 @@ def _check_family(recipe: Recipe, model_name: str, tokenizer) -> None:
                            f"({tested}); set allow_untested_family: true to train it once lorakit's checks of its "
                            f"chat template pass")
     say(f"note: model type {config.model_type} is not tested by lorakit ({tested} are); checked: "
-        f"{template_check(tokenizer) if recipe.stage == 'sft' else 'nothing family-specific (raw text)'}")
+        f"{template_check(tokenizer) if stage_of(recipe.stage).chat else 'nothing family-specific (raw text)'}")
 
 
 def _warn_if_too_big(recipe: Recipe, device: str) -> None:
@@ -166,6 +169,8 @@ def _run(job: Job) -> Path:
     if job.device == "cpu":
         keep_freed_memory()
     model, base_fingerprint, attention = _build_model(job)
+    if stage_of(job.recipe.stage).reference and job.recipe.pref.reference == "precomputed":
+        with_reference(job, model, base_fingerprint)
     summary = _train(job, model)
     # Training wrapped forward() in autocast; the probe must see the model as later commands load it.
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
@@ -207,6 +212,8 @@ def _build_model(job: Job):
     if recipe.parent:  # the parent chain folded into the base weights, once it is known to fit this base
         model = apply_chain(model, [recipe.parent], base_fingerprint, job.model_name, merge=True)
     attention = use_packed_attention(for_training(model))
+    if recipe.method == "full" and stage_of(recipe.stage).reference and recipe.pref.reference == "live":
+        job.reference_model = reference_copy(model, job.dtype)
     model = make_trainable(model, recipe, job.quantization is not None)
     trainable, total = count_parameters(model)
     precision = job.quantization.describe() if job.quantization else "full precision"
@@ -256,7 +263,7 @@ def _train(job: Job, model) -> dict:
     if job.data.eval_rows:
         if not progress.evals or progress.evals[-1]["step"] != trainer.state.global_step:
             trainer.evaluate()  # the final figures, unless the schedule just evaluated
-        summary.update(eval_loss=progress.evals[-1]["eval_loss"], eval_ppl=progress.evals[-1]["eval_ppl"])
+        summary.update({k: v for k, v in progress.evals[-1].items() if k != "step"})
     say(_loss_line(summary, len(progress.history), trainer.state.global_step, job.recipe.train.logging_steps))
     return {**summary, "history": progress.history, "evals": progress.evals}
 
@@ -302,7 +309,7 @@ def _deployable(job: Job, model, manifest: Manifest):
     dtype (said, and recorded), and a chat model that stops at its end-of-turn token, as an export's."""
     if job.dtype != torch.float32:
         model = model.to(job.dtype)
-    chat = job.recipe.stage == "sft" or is_chat_model(job.tokenizer)
+    chat = stage_of(job.recipe.stage).chat or is_chat_model(job.tokenizer)
     end = set_stop_tokens(model, job.tokenizer, chat)
     manifest.dtype = str(job.dtype).removeprefix("torch.")
     say(f"the model's weights are written in {manifest.dtype}" + (f"; it stops at {end}" if end else ""))
@@ -339,7 +346,10 @@ def _quantization(recipe: Recipe, dtype: torch.dtype) -> Quantization | None:
 def _describe_data(recipe: Recipe, data: Prepared) -> None:
     s = data.stats
     if s["rows"] is not None:  # a stream's size is known only once it has been read
-        say(f"data {recipe.data.label}: {s['examples']:,} {'documents' if recipe.stage == 'cpt' else 'conversations'}"
+        kind = stage_of(recipe.stage).data
+        what = {"text": "documents", "chat": "conversations", "pairs": f"pairs ({s['examples']:,} answers)",
+                "unpaired": "labelled answers (and as many KL sequences)"}[kind]
+        say(f"data {recipe.data.label}: {s['examples'] // (1 if kind in ('text', 'chat') else 2):,} {what}"
             f" -> {s['rows']:,} rows of up to {recipe.data.max_length} tokens "
             f"({'packed' if recipe.data.packing else 'not packed'}), {s['tokens']:,} tokens, "
             f"{s['trained_tokens']:,} trained")
@@ -368,7 +378,7 @@ def _manifest(job: Job, base_fingerprint: str, summary: dict) -> Manifest:
         name=job.out.name, recipe=recipe.name, base_model=job.model_name,
         base_model_path=str(local.resolve()) if local.exists() else None, base_fingerprint=base_fingerprint,
         parent=parent, system_prompt=job.data.system_prompt,
-        reasoning=recipe.data.reasoning if recipe.stage == "sft" and reasoning_block(job.tokenizer) else None,
+        reasoning=recipe.data.reasoning if stage_of(recipe.stage).chat and reasoning_block(job.tokenizer) else None,
         data={"path": recipe.data.path, "hash": job.data.data_hash, **job.data.stats},
         lora=None if recipe.method == "full" else {"r": recipe.lora.r, "alpha": recipe.lora.alpha,
                                                    "target": recipe.lora.target},

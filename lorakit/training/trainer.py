@@ -8,23 +8,30 @@ from transformers.trainer_callback import PrinterCallback
 
 from ..data.blocks import Collator
 from ..recipe import Recipe
+from ..stages import stage as stage_of
 from .checkpoints import NonFiniteLoss, StopRequest
 from .distributed import check_engine, trainer_options
 from .job import Job
 from .loss import install, make_loss, output_head, remove
+from .preference import PreferenceStep
 from .progress import ProgressCallback
 
 
 class _Trainer(Trainer):
-    """Evaluation batches get a collator of their own, so the count of trained tokens stays exact."""
+    """Evaluation batches get a collator of their own, so the count of trained tokens stays exact; a preference
+    stage's loss is its own (preference.PreferenceStep), with its metrics logged beside the loss."""
 
-    def __init__(self, *args, eval_collator=None, **kwargs):
+    def __init__(self, *args, eval_collator=None, preference: PreferenceStep | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
+        self.preference = preference
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """With the chunked loss, the output head steps aside for the forward pass only, so that
         checkpoints, evaluation outside this method and saving all see the model as it is."""
+        if self.preference is not None:
+            loss = self.preference.loss(self, model, inputs)
+            return (loss, {}) if return_outputs else loss  # {}: no logits to hand the evaluation loop
         if self.compute_loss_func is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         install(self.model)
@@ -39,6 +46,11 @@ class _Trainer(Trainer):
         if not torch.isfinite(loss).all():
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.state.global_step + 1}")
         return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.preference is not None:
+            logs = {**logs, **self.preference.logged("eval" if "eval_loss" in logs else "train")}
+        super().log(logs, *args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         training, self.data_collator = self.data_collator, self.eval_collator
@@ -62,7 +74,10 @@ def micro_batch(recipe: Recipe, device: str) -> int:
         return t.micro_batch_size
     if device.startswith("cuda"):
         return t.batch_size
-    rows = max(1, CPU_MICRO_BATCH_TOKENS // recipe.data.max_length)
+    # a row of one pair (unpacked) holds up to two sequences of max_length tokens
+    pairs = stage_of(recipe.stage).preference and not recipe.data.packing
+    row_tokens = recipe.data.max_length * (2 if pairs else 1)
+    rows = max(1, CPU_MICRO_BATCH_TOKENS // row_tokens)
     return max(d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0 and d <= rows)
 
 
@@ -98,10 +113,12 @@ def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, Progress
         dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),
     )
     collator = Collator(job.tokenizer.pad_token_id)
-    progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop)
+    stage = stage_of(recipe.stage)
+    progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop, stage.preference)
     chunked = t.strategy == "ddp"  # FSDP/DeepSpeed shard the head's weight: leave the loss to the model
-    trainer = _Trainer(model=model, args=args, train_dataset=_dataset(rows),
-                       compute_loss_func=make_loss(output_head(model)) if chunked else None,
+    preference = PreferenceStep(stage, recipe.pref, chunked, job.reference_model) if stage.preference else None
+    trainer = _Trainer(model=model, args=args, train_dataset=_dataset(rows), preference=preference,
+                       compute_loss_func=make_loss(output_head(model)) if chunked and not preference else None,
                        eval_dataset=_dataset(eval_rows) if eval_rows else None,
                        data_collator=collator, eval_collator=Collator(job.tokenizer.pad_token_id), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints

@@ -15,6 +15,7 @@ import torch
 
 from ..data.template import is_chat_model, style_for, with_default_kwargs
 from ..log import say
+from ..stages import stage as stage_of
 from .folders import (
     SHARD_SIZE,
     inputs_of,
@@ -66,7 +67,7 @@ def export(sources: list[str], out: Path, settings: ExportSettings = ExportSetti
     size = sum(p.numel() for p in merged.parameters()) * torch.finfo(target).bits // 8
     check_disk(out.parent, int(1.1 * size), f"the {dtype} export")
     # chat-tuned anywhere in the chain, or a chat model to begin with
-    manifest.chat = chat = "sft" in [m.stage for m in manifests if m] or is_chat_model(tokenizer)
+    manifest.chat = chat = any(stage_of(m.stage).chat for m in manifests if m) or is_chat_model(tokenizer)
     with staging(out, shown=step_of) as folder:
         end = set_stop_tokens(merged, tokenizer, chat)
         with_default_kwargs(tokenizer, style_for(tokenizer, manifest.reasoning or "keep"))
@@ -241,7 +242,7 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
             facts = write_adapter(flat, config, folder / "adapter.gguf")
             check_file(folder / "adapter.gguf", facts.pop("sources"), "f32")
             announce(out / "adapter.gguf", facts)
-            chat = recorded.stage == "sft"
+            chat = stage_of(recorded.stage).chat
             where = _from_modelfile(out, base_gguf)
             (folder / "Modelfile").write_text(_modelfile(where, "./adapter.gguf", recorded, chat, base, config),
                                               encoding="utf-8")
