@@ -130,7 +130,7 @@ def test_packed_log_probs_losses_and_gradients_equal_trls_dpo_trainer(tiny_instr
     rows = pack_examples(examples_of(string_pairs(), tokenizer), 256, packing)  # rows of up to 256 tokens
     assert len(rows) < len(PAIRS) if packing else len(rows) == len(PAIRS)
     step = PreferenceStep(stage("dpo"), pref, chunked=True)
-    fake = SimpleNamespace(model=model, accelerator=SimpleNamespace(gather_for_metrics=lambda t: t))
+    fake = SimpleNamespace(model=model, accelerator=SimpleNamespace(gather=lambda t: t))
     loss = step.loss(fake, model, Collator(tokenizer.pad_token_id)(rows))
     loss.backward()
     ours, metrics = _gradients(model), step.logged("train")
@@ -193,7 +193,9 @@ def test_plan_counts_the_reference_copy_of_a_full_fine_tune(work, tiny_instruct)
     ("pref.loss=sigmod", "pref.loss 'sigmod': expected one or more of sigmoid, hinge"),
     ("pref.beta=0", "pref.beta must be positive"),
     ("data.field=conversation", "data.field: a dpo record's fields are read by name"),
+    ("stage=sft", "pref.* settings apply to the preference stages (dpo, kto, orpo, simpo), not to stage: sft"),
 ])
 def test_a_bad_preference_setting_is_named(work, tiny_instruct, override, message):
-    recipe = write_recipe(work / "dpo.yaml", f"stage: dpo\nmodel: {tiny_instruct}\ndata: {{path: x.jsonl}}\n")
+    recipe = write_recipe(work / "dpo.yaml", f"stage: dpo\nmodel: {tiny_instruct}\ndata: {{path: x.jsonl}}\n"
+                                             f"pref: {{beta: 0.2}}\n")
     assert message in lorakit("validate", recipe, override, expect=1).stderr

@@ -358,6 +358,9 @@ class Recipe:
             raise LorakitError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only")
         if self.data.streaming and self.train.max_steps <= 0:
             raise LorakitError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
+        if self.stage not in ("dpo", "kto", "orpo", "simpo") and self.pref != PrefSettings():
+            raise LorakitError(f"pref.* settings apply to the preference stages (dpo, kto, orpo, simpo), not to "
+                               f"stage: {self.stage}")
         if self.stage in ("dpo", "kto", "orpo", "simpo"):
             if self.data.field:
                 raise LorakitError(f"data.field: a {self.stage} record's fields are read by name (prompt, chosen, "

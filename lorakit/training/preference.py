@@ -91,18 +91,19 @@ class PreferenceStep:
             logps, tokens = answer_logps(model, inputs, head)
             reference = inputs.get("reference")
             if reference is None and self.stage.reference:
-                reference = self.reference(owner, inputs, head)
+                reference = self.reference(model, owner, inputs, head)
         finally:
             if self.chunked:
                 remove(owner)
         loss, metrics = self.stage.loss(Sequences(logps, tokens, inputs["sides"], reference), self.pref, self.beta)
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
-            self.metrics[mode][name].append(trainer.accelerator.gather_for_metrics(value.detach()[None]).mean().item())
+            self.metrics[mode][name].append(trainer.accelerator.gather(value.detach()[None]).nanmean().item())
         return loss
 
     @torch.no_grad()
-    def reference(self, owner, inputs: dict, head) -> torch.Tensor:
+    def reference(self, model, owner, inputs: dict, head) -> torch.Tensor:
+        """Through the model as the Trainer wrapped it (FSDP's shards gather there), its adapter switched off."""
         if self.reference_model is not None:  # method full: the frozen copy, its own head applied in chunks
             head = output_head(self.reference_model)
             install(self.reference_model)
@@ -111,7 +112,7 @@ class PreferenceStep:
             finally:
                 remove(self.reference_model)
         with owner.disable_adapter():
-            return answer_logps(owner, inputs, head)[0]
+            return answer_logps(model, inputs, head)[0]
 
     def logged(self, mode: str) -> dict[str, float]:
         """The metrics gathered since the last log, averaged (eval's prefixed eval_ as the Trainer's are)."""
