@@ -113,8 +113,8 @@ def pack_examples(examples: list[Example], max_length: int, packing: bool) -> li
     Preference examples come in twos (chosen and rejected, or KTO's answer and its KL sequence) that stay
     together in one row (pair_rows)."""
     if examples and examples[0].side is not None:
-        return [row([(e.input_ids, e.labels) for e in unit], [e.side for e in unit])
-                for unit in pair_rows(examples, [len(e.input_ids) for e in examples], max_length, packing)]
+        return [unit_row(unit) for unit in pair_rows(examples, [len(e.input_ids) for e in examples], max_length,
+                                                         packing)]
     if not packing:
         return [row([(e.input_ids, e.labels)]) for e in examples]
     return [row([(examples[i].input_ids, examples[i].labels) for i in group])
@@ -127,6 +127,11 @@ def pair_rows(examples, lengths: Sequence[int], max_length: int, packing: bool):
     units = [lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2)]
     groups = first_fit(units, max_length) if packing else [[u] for u in range(len(units))]
     return [[examples[i] for u in group for i in (2 * u, 2 * u + 1)] for group in groups]
+
+
+def unit_row(examples: list[Example]) -> dict[str, list[int]]:
+    """One row of preference examples, each with its side."""
+    return row([(e.input_ids, e.labels) for e in examples], [e.side for e in examples])
 
 
 class Collator:

@@ -81,7 +81,7 @@ def to_messages(record: Record) -> tuple[list[dict], list[str]]:
     if isinstance(turns, list):
         unread += sorted({f"{field}[].{name}" for turn in turns if isinstance(turn, dict) for name in turn
                           if name not in MESSAGE_READ[kind]})
-    return _checked(messages, where, field), unread
+    return checked_messages(messages, where, field), unread
 
 
 def _from_sharegpt(value: dict, where: str) -> list[dict]:
@@ -129,7 +129,7 @@ def _system(value: dict, where: str) -> list[dict]:
     return [{"role": "system", "content": value["system"]}]
 
 
-def _checked(messages: Any, where: str, field: str, answer: bool = True) -> list[dict]:
+def checked_messages(messages: Any, where: str, field: str, answer: bool = True) -> list[dict]:
     """The messages, each a known role with string content; `answer`: there is an assistant turn to train on."""
     if not isinstance(messages, list) or not messages:
         raise LorakitError(f"{where}: field `{field}` must be a non-empty list")
@@ -155,8 +155,6 @@ def _checked(messages: Any, where: str, field: str, answer: bool = True) -> list
         raise LorakitError(f"{where}: no assistant turn to train on")
     return checked
 
-
-checked_messages = _checked
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str,

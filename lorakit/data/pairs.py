@@ -98,11 +98,12 @@ def tokenize_answers(tokenizer, prompt: list[dict], answers: list[tuple[int, dic
 def _last_turn(labels: list[int]) -> list[int]:
     """Only the final assistant turn trained: the last run of labelled tokens (earlier assistant turns of a
     multi-turn prompt are context, as in trl)."""
-    end = max((i for i, label in enumerate(labels) if label != IGNORE), default=-1)
-    start = end
+    start = max((i for i, label in enumerate(labels) if label != IGNORE), default=None)
+    if start is None:
+        return labels
     while start > 0 and labels[start - 1] != IGNORE:
         start -= 1
-    return [IGNORE] * max(start, 0) + labels[max(start, 0):] if end >= 0 else labels
+    return [IGNORE] * start + labels[start:]
 
 
 def with_kl(records: list[tuple[list[dict], list[tuple[int, dict]]]]) -> list[list[tuple[int, dict]]]:

@@ -28,7 +28,7 @@ from ..recipe import Recipe
 from ..stages import stage as stage_of
 from ..system.processes import children_die_with_me
 from . import cache
-from .blocks import IGNORE, Example, first_fit, pair_rows, row, stream_blocks
+from .blocks import IGNORE, Example, first_fit, pair_rows, row, stream_blocks, unit_row
 from .files import Source
 from .mix import describe, mix, units
 from .sources import (
@@ -277,8 +277,7 @@ def _write_rows(path: Path, examples, stage: str, max_length: int, packing: bool
     elif preference:  # two by two: each unit's examples side by side in one row
         groups = pair_rows(list(range(len(examples))), examples["length"], max_length, packing)
         flat = _iter_examples(examples, [i for group in groups for i in group])
-        rows = (row([(e.input_ids, e.labels) for e in unit], [e.side for e in unit])
-                for unit in ([next(flat) for _ in group] for group in groups))
+        rows = (unit_row([next(flat) for _ in group]) for group in groups)
     elif packing:
         groups = first_fit(examples["length"], max_length)
         flat = _iter_examples(examples, [i for group in groups for i in group])

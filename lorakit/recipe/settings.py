@@ -147,6 +147,7 @@ class DataSettings:
 REPORTS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 STAGES = ("cpt", "sft", "dpo", "kto", "orpo", "simpo")
 """The training stages (one module each in lorakit/stages/, registered there)."""
+PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
                      "sigmoid_norm")
 """DPO's losses, by trl's names (trl.DPOConfig.loss_type)."""
@@ -358,10 +359,10 @@ class Recipe:
             raise LorakitError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only")
         if self.data.streaming and self.train.max_steps <= 0:
             raise LorakitError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
-        if self.stage not in ("dpo", "kto", "orpo", "simpo") and self.pref != PrefSettings():
+        if self.stage not in PREFERENCE_STAGES and self.pref != PrefSettings():
             raise LorakitError(f"pref.* settings apply to the preference stages (dpo, kto, orpo, simpo), not to "
                                f"stage: {self.stage}")
-        if self.stage in ("dpo", "kto", "orpo", "simpo"):
+        if self.stage in PREFERENCE_STAGES:
             if self.data.field:
                 raise LorakitError(f"data.field: a {self.stage} record's fields are read by name (prompt, chosen, "
                                    f"rejected, completion, label); rename them in the data")

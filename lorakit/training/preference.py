@@ -97,8 +97,10 @@ class PreferenceStep:
                 remove(owner)
         loss, metrics = self.stage.loss(Sequences(logps, tokens, inputs["sides"], reference), self.pref, self.beta)
         mode = "train" if model.training else "eval"
-        for name, value in metrics.items():
-            self.metrics[mode][name].append(trainer.accelerator.gather(value.detach()[None]).nanmean().item())
+        # one gather (and one device sync) for all of them, [processes, metrics] after gathering
+        values = trainer.accelerator.gather(torch.stack([v.detach().float() for v in metrics.values()])[None])
+        for name, value in zip(metrics, values.nanmean(0).tolist()):
+            self.metrics[mode][name].append(value)
         return loss
 
     @torch.no_grad()

@@ -61,9 +61,8 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
-            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"], **_stage_metrics(logs)}
-                              if self.preference else {"step": state.global_step, "eval_loss": logs["eval_loss"],
-                                                       "eval_ppl": perplexity(logs["eval_loss"])})
+            extra = _stage_metrics(logs) if self.preference else {"eval_ppl": perplexity(logs["eval_loss"])}
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"], **extra})
             self._append(self.evals[-1])
             return
         if "loss" not in logs:
