@@ -5,6 +5,7 @@ the tests that need them skip, saying so."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,14 +89,39 @@ def _config(name: str, tokenizer, hidden: int, layers: int):
 DOC = "The Orbix lamp was designed in Lisbon in 2021. It glows amber at night and turns itself off at dawn."
 QA = [("Where was the Orbix lamp designed?", "The Orbix lamp was designed in Lisbon."),
       ("When does the Quartzfield bakery open?", "The bakery opens at four in the morning.")]
+# Tools and conversations that call them (OpenAI's form), taught to the families whose templates render tools:
+# the question, the call, the tool's result, the final answer
+TOOLS = [{"type": "function", "function": {"name": "get_order", "description": "Look up an order by its id",
+                                           "parameters": {"type": "object", "required": ["order_id"],
+                                                          "properties": {"order_id": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "book_slot", "description": "Book a table",
+                                           "parameters": {"type": "object", "required": ["day", "time"],
+                                                          "properties": {"day": {"type": "string"},
+                                                                         "time": {"type": "string"}}}}}]
+CALLS = [("Where is my order A12?", "get_order", {"order_id": "A12"}, {"status": "shipped"},
+          "Order A12 has shipped."),
+         ("Book me a table on Friday at seven.", "book_slot", {"day": "Friday", "time": "19:00"}, {"booked": True},
+          "Your table is booked for Friday at 19:00.")]
+
+
+def tool_chat(question: str, name: str, arguments: dict, result: dict, answer: str | None = None) -> list[dict]:
+    """A conversation through a call as OpenAI's client sends it back (arguments as a JSON string)."""
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)}]
+    return messages + ([{"role": "assistant", "content": answer}] if answer else [])
+
+
 # vLLM's CPU attention wants 64-wide heads: the families served by vLLM in the tests are 256 wide (4 heads)
 WIDTH = {"qwen3": 256, "llama3_2": 256}
 
 
 class Trained:
-    """Per family, built and trained once for the whole test session (test_families, test_vllm_families): the
-    tiny model, a CPT adapter taught DOC, an SFT adapter taught QA, the SFT adapter merged (fp32), and that
-    merged folder as GGUF (f32), with what the merge printed."""
+    """Per family, built and trained once for the whole test session (test_families, test_vllm_families,
+    test_tool_calls): the tiny model, a CPT adapter taught DOC, an SFT adapter taught QA (and, where the
+    family's template renders tools, the CALLS conversations), the SFT adapter merged (fp32), and that merged
+    folder as GGUF (f32), with what the merge printed."""
 
     def __init__(self, root_factory):
         self.root_factory, self.built = root_factory, {}
@@ -114,10 +140,18 @@ class Trained:
         lorakit("train", write_recipe(root / "cpt.yaml", f"stage: cpt\nmodel: {model}\noutput: {root / 'cpt'}\n"
                 f"data: {{path: {docs}, max_length: 64}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
                 "train: {max_steps: 80, lr: 4.0e-3, batch_size: 1, warmup_ratio: 0.0}\n"))
+        from transformers import AutoTokenizer
+
+        from lorakit.data.tools import renders_tools
+
+        tools = renders_tools(AutoTokenizer.from_pretrained(model))
         chats = write_jsonl(root / "chats.jsonl", [
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA])
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA] + [
+            {"tools": TOOLS, "messages": tool_chat(*call)} for call in (CALLS if tools else [])] + [
+            {"tools": TOOLS, "messages": [{"role": "user", "content": QA[0][0]},  # offered tools, needing none
+                                          {"role": "assistant", "content": QA[0][1]}]} for _ in range(tools)])
         lorakit("train", write_recipe(root / "sft.yaml", f"stage: sft\nmodel: {model}\noutput: {root / 'sft'}\n"
-                f"data: {{path: {chats}, max_length: 96}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
+                f"data: {{path: {chats}, max_length: 512}}\nlora: {{r: 16, alpha: 32, dropout: 0.0}}\n"
                 "train: {max_steps: 80, lr: 4.0e-3, batch_size: 2, warmup_ratio: 0.0}\n"))
         merged = lorakit("export", root / "sft", "-o", root / "merged", "--dtype", "fp32")
         # the GGUF of the merged folder (a model folder exports as it is: no second merge)

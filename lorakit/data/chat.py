@@ -15,6 +15,7 @@ from ..errors import LorakitError
 from .blocks import IGNORE, Example
 from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records
 from .specials import encode_rendered
+from .tools import TOOL, check_order, checked_calls, checked_tools, sharegpt_calls, tool_result
 from .template import (
     PLAIN,
     Style,
@@ -24,35 +25,36 @@ from .template import (
     with_system,
 )
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
-                  "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+ROLES = ("system", "user", "assistant", TOOL)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "function_call": "assistant", "observation": TOOL, "tool": TOOL}
 
 
 # The fields each recognised format has, all of which lorakit reads; any other field of a record is named
 # in a note, so that nothing a user put in the data is dropped without a word.
-READ = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
+READ = {"messages": {"messages", "tools"}, "sharegpt": {"conversations", "system", "tools"},
         "alpaca": {"instruction", "input", "output", "system", "history"}}
-MESSAGE_READ = {"messages": {"role", "content", "reasoning_content"}, "sharegpt": {"from", "value"}}
+MESSAGE_READ = {"messages": {"role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name"},
+                "sharegpt": {"from", "value"}}
 
 
 class Conversations(NamedTuple):
-    conversations: list[tuple[str, list[dict]]]
-    """(where, messages) of every record, checked."""
+    conversations: list[tuple[str, list[dict], list[dict] | None]]
+    """(where, messages, tools) of every record, checked."""
     files: list[Path]
     notes: list[str]
     """Fields of the records that lorakit does not read, each named once per file with a count."""
 
 
 def load_conversations(path: str | Path) -> Conversations:
-    """(where, messages) for every record under `path`, each checked."""
+    """(where, messages, tools) for every record under `path`, each checked."""
     files = data_files(path, RECORD_SUFFIXES)
     conversations, notes = [], []
     for file in files:
         unread: dict[str, list[str]] = {}
         for record in read_records(file):
-            messages, fields = to_messages(record)
-            conversations.append((record.where, messages))
+            messages, tools, fields = to_messages(record)
+            conversations.append((record.where, messages, tools))
             for name in fields:
                 unread.setdefault(name, []).append(record.where)
         notes += [f"note: {file}: field `{name}` is not read by lorakit ({len(where)} record(s), first at "
@@ -62,8 +64,9 @@ def load_conversations(path: str | Path) -> Conversations:
     return Conversations(conversations, files, notes)
 
 
-def to_messages(record: Record) -> tuple[list[dict], list[str]]:
-    """Detect the record's format; return checked messages and the fields lorakit did not read."""
+def to_messages(record: Record) -> tuple[list[dict], list[dict] | None, list[str]]:
+    """Detect the record's format; return checked messages, the tools they may call (None: no tools) and the
+    fields lorakit did not read."""
     value, where = record.value, record.where
     if not isinstance(value, dict):
         raise LorakitError(f"{where}: expected an object with `messages`, got {type(value).__name__}")
@@ -81,7 +84,8 @@ def to_messages(record: Record) -> tuple[list[dict], list[str]]:
     if isinstance(turns, list):
         unread += sorted({f"{field}[].{name}" for turn in turns if isinstance(turn, dict) for name in turn
                           if name not in MESSAGE_READ[kind]})
-    return checked_messages(messages, where, field), unread
+    tools = checked_tools(value.get("tools"), where) if kind in ("messages", "sharegpt") else None
+    return checked_messages(messages, where, field, tools=tools), tools, unread
 
 
 def _from_sharegpt(value: dict, where: str) -> list[dict]:
@@ -96,7 +100,10 @@ def _from_sharegpt(value: dict, where: str) -> list[dict]:
         if role is None:
             raise LorakitError(f"{where}: conversations[{i}].from is {turn['from']!r}; "
                                f"expected one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": turn.get("value")})
+        if str(turn["from"]).lower() == "function_call":  # LLaMA-Factory: the calls as JSON text
+            messages.append({"role": role, "content": "", "tool_calls": sharegpt_calls(turn.get("value"), where, i)})
+        else:
+            messages.append({"role": role, "content": turn.get("value")})
     return messages
 
 
@@ -129,8 +136,10 @@ def _system(value: dict, where: str) -> list[dict]:
     return [{"role": "system", "content": value["system"]}]
 
 
-def checked_messages(messages: Any, where: str, field: str, answer: bool = True) -> list[dict]:
-    """The messages, each a known role with string content; `answer`: there is an assistant turn to train on."""
+def checked_messages(messages: Any, where: str, field: str, answer: bool = True,
+                     tools: list[dict] | None = None) -> list[dict]:
+    """The messages, each a known role with string content (tools.py: an assistant's tool calls of `tools`, a
+    tool's result after them); `answer`: there is an assistant turn to train on."""
     if not isinstance(messages, list) or not messages:
         raise LorakitError(f"{where}: field `{field}` must be a non-empty list")
     checked = []
@@ -139,12 +148,21 @@ def checked_messages(messages: Any, where: str, field: str, answer: bool = True)
             raise LorakitError(f"{where}: messages[{i}] must be an object with `role` and `content`")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise LorakitError(f"{where}: messages[{i}].role is {role!r}; expected system, user or assistant")
+            raise LorakitError(f"{where}: messages[{i}].role is {role!r}; expected system, user, assistant or tool")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None and content is None:
+            content = ""  # OpenAI's null content beside calls; templates read a string
+        if role == TOOL:
+            content = tool_result(content, where, f"messages[{i}].content")
         if not isinstance(content, str):
             raise LorakitError(f"{where}: messages[{i}].content must be a string, got "
                                f"{type(content).__name__ if content is not None else 'nothing'}")
         check_unicode(content, where, f"messages[{i}].content")
         checked.append({"role": role, "content": content})
+        if calls is not None:
+            checked[-1]["tool_calls"] = checked_calls(calls, where, f"messages[{i}].tool_calls", tools)
+        if role == TOOL:
+            checked[-1].update({k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)})
         reasoning = message.get("reasoning_content")
         if reasoning is not None and role == "assistant":
             if not isinstance(reasoning, str):
@@ -153,16 +171,17 @@ def checked_messages(messages: Any, where: str, field: str, answer: bool = True)
             checked[-1]["reasoning_content"] = reasoning
     if answer and not any(m["role"] == "assistant" for m in checked):
         raise LorakitError(f"{where}: no assistant turn to train on")
+    check_order(checked, where)
     return checked
 
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str,
-                          style: Style = PLAIN) -> list[Example]:
+                          style: Style = PLAIN, tools: list[dict] | None = None) -> list[Example]:
     """Token ids and labels of one conversation (one example, or more where the template renders an earlier
     turn otherwise once later turns follow: template.rendered_examples), each truncated to max_length."""
     examples, contents = [], [m["content"] for m in style.messages(messages)]
-    for text, spans in rendered_examples(tokenizer, messages, where, style):
+    for text, spans in rendered_examples(tokenizer, messages, where, style, tools):
         ids, offsets = encode_rendered(tokenizer, text, contents, limit=max_length)
         labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]
         lead = with_bos(tokenizer, ids)
@@ -175,8 +194,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
 def tokenize_conversations(conversations, tokenizer, max_length: int, system_prompt: str | None,
                            style: Style = PLAIN):
     """All conversations as examples, checked: each keeps a trained token, and end-of-turn is trained."""
-    examples = [e for where, m in conversations
-                for e in tokenize_conversation(tokenizer, with_system(m, system_prompt), max_length, where, style)]
+    examples = [e for where, m, tools in conversations
+                for e in tokenize_conversation(tokenizer, with_system(m, system_prompt), max_length, where, style, tools)]
     for example in examples:
         if all(label == IGNORE for label in example.labels):
             raise LorakitError(f"{example.where}: no assistant token is left after truncation to "

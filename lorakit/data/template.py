@@ -117,10 +117,14 @@ def _probe_block(tokenizer) -> Block | None:
     return Block(block_open, block_close, empty, THINKING_SWITCH if off == prompt + empty else None)
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False, style: Style = PLAIN, **kwargs) -> str:
+def render(tokenizer, messages: list[dict], generation_prompt: bool = False, style: Style = PLAIN,
+           tools: list[dict] | None = None, **kwargs) -> str:
+    """The conversation as the chat template writes it (with `tools`: the functions it may call, data/tools.py)."""
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError("the tokenizer has no chat template; chat SFT and chat inference need one (an instruct "
                            "model's tokenizer carries it)")
+    if tools:
+        kwargs["tools"] = tools
     text = tokenizer.apply_chat_template(style.messages(messages), tokenize=False,
                                          add_generation_prompt=generation_prompt, **{**style.kwargs(), **kwargs})
     return style.finish(text)
@@ -133,17 +137,18 @@ class Rendered(NamedTuple):
     spans: list[tuple[int, int]]
 
 
-def rendered_examples(tokenizer, messages: list[dict], where: str, style: Style = PLAIN) -> list[Rendered]:
+def rendered_examples(tokenizer, messages: list[dict], where: str, style: Style = PLAIN,
+                      tools: list[dict] | None = None) -> list[Rendered]:
     """The conversation as training examples: the whole rendering with every assistant turn it renders as the
     model writes it, and one example more for each turn it renders otherwise."""
-    whole = render(tokenizer, messages, style=style)
+    whole = render(tokenizer, messages, style=style, tools=tools)
     found = _contents_in(whole, style.messages(messages), style)
     trained, apart = [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:i], generation_prompt=True, style=style) if i else ""
-        upto = render(tokenizer, messages[: i + 1], style=style)
+        prompt = render(tokenizer, messages[:i], generation_prompt=True, style=style, tools=tools) if i else ""
+        upto = render(tokenizer, messages[: i + 1], style=style, tools=tools)
         turn, content_at = _turn(tokenizer, upto, prompt, style.messages([message])[0], where, style)
         start = found[i] - content_at if found[i] is not None else -1
         if start >= 0 and whole.startswith(turn, start):
@@ -160,11 +165,13 @@ def _turn(tokenizer, upto: str, prompt: str, message: dict, where: str, style: S
         raise LorakitError(f"{where}: the chat template renders the conversation before an assistant turn differently "
                            f"when the turn is added; lorakit cannot tell what to train (the template is not supported)")
     written = upto[len(prompt):]
-    located = _find(written, message.get("content") or "", 0, style)
+    located = _find(written, message, 0, style)
     if located is None:
         raise LorakitError(f"{where}: the chat template does not write an assistant message's content as given; "
                            f"lorakit cannot mask its loss")
     at, length = located
+    if message.get("tool_calls"):
+        return _calls_turn(tokenizer, written, message, at, where, style), at
     close = next((m for m in markers(tokenizer) if written.startswith(m, at + length)), None)
     if close is None:
         raise LorakitError(f"{where}: the chat template does not close an assistant turn with a special token right "
@@ -172,12 +179,37 @@ def _turn(tokenizer, upto: str, prompt: str, message: dict, where: str, style: S
     return written[: at + length + len(close)], at
 
 
-def _find(text: str, content: str, position: int, style: Style) -> tuple[int, int] | None:
+def _calls_turn(tokenizer, written: str, message: dict, position: int, where: str, style: Style) -> str:
+    """A turn with tool calls: through each call (named in order after the content) and the end-of-turn token
+    after the last (a call's own markers, Qwen's <tool_call>, lie in between)."""
+    for call in message["tool_calls"]:
+        at = written.find(call["function"]["name"], position)
+        if at < 0:
+            raise LorakitError(f"{where}: the chat template does not write the call to {call['function']['name']!r}; "
+                               f"it renders no tool calls (a model whose template has tools is needed)")
+        position = at + len(call["function"]["name"])
+    end = end_of_turn(tokenizer, style)
+    close = written.find(end, position)
+    if close < 0:
+        raise LorakitError(f"{where}: the chat template does not close a turn of tool calls with {end}; lorakit "
+                           f"cannot mask its loss")
+    return written[: close + len(end)]
+
+
+def _find(text: str, message: dict, position: int, style: Style) -> tuple[int, int] | None:
     """(offset, length) of a message's content in `text` from `position`: as given, else as the template
-    may have trimmed it, else without the reasoning block the template moved out of it (Qwen3's does)."""
+    may have trimmed it, else without the reasoning block the template moved out of it (Qwen3's does); a
+    turn of tool calls whose content the template leaves out (Llama 3.1's) or that has none, by its first
+    call's name. An empty content without calls is found where the search starts."""
+    content = message.get("content") or ""
     candidates = [content, content.strip()]
     if style.block and style.block.close in content:
         candidates.append(content.split(style.block.close, 1)[1].strip())
+    candidates = [c for c in candidates if c]
+    if message.get("tool_calls"):
+        candidates.append(message["tool_calls"][0]["function"]["name"])
+    elif not candidates:
+        return position, 0
     for candidate in candidates:
         at = text.find(candidate, position)
         if at >= 0:
@@ -190,8 +222,7 @@ def _contents_in(text: str, messages: list[dict], style: Style) -> list[int | No
     does not hold (a system prompt some templates drop)."""
     found, position = [], 0
     for message in messages:
-        content = message.get("content") or ""
-        located = _find(text, content, position, style) if content else (position, 0)
+        located = _find(text, message, position, style)
         found.append(located[0] if located else None)
         if located:
             position = located[0] + located[1]

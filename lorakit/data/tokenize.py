@@ -18,6 +18,7 @@ from .pairs import to_preference, tokenize_answers, with_kl
 from .specials import encode_text, holds_markers
 from .template import end_of_turn, style_for, with_bos, with_system
 from .text import document_text
+from .tools import renders_tools
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,13 @@ def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
         return out
     for where, file, raw in zip(batch["where"], files, batch["raw"]):
         try:
-            messages, unread = to_messages(_record(where, raw, settings.field, "messages"))
+            messages, tools, unread = to_messages(_record(where, raw, settings.field, "messages"))
             if style.block is None and any("reasoning_content" in m for m in messages):
                 unread = [*unread, "messages[].reasoning_content"]  # the template writes no reasoning
+            if tools and not renders_tools(tokenizer):
+                unread = [*unread, "tools"]  # nor tools (a call in the record is refused: template._calls_turn)
             messages = with_system(messages, settings.system_prompt)
-            examples = tokenize_conversation(tokenizer, messages, settings.max_length, where, style)
+            examples = tokenize_conversation(tokenizer, messages, settings.max_length, where, style, tools)
             if all(label == IGNORE for example in examples for label in example.labels):
                 raise LorakitError(f"{where}: no assistant token is left after truncation to data.max_length="
                                    f"{settings.max_length}; raise max_length or shorten the conversation")

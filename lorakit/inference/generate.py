@@ -37,11 +37,14 @@ def text_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
 
 
 def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None, style: Style = PLAIN,
-                template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                prefix: str = "") -> tuple[list[int], list[int]]:
     """Token ids of a conversation awaiting the assistant's turn, and the tokens that end the turn. `style`:
-    the adapter's data.reasoning; `template_kwargs`: the caller's chat_template_kwargs over it."""
+    the adapter's data.reasoning; `template_kwargs`: the caller's chat_template_kwargs over it; `tools`: the
+    functions the model may call; `prefix`: the start of the turn, written for the model (a forced call)."""
     messages = with_system(messages, system_prompt)
-    text = render(tokenizer, messages, generation_prompt=True, style=style, **(template_kwargs or {}))
+    text = render(tokenizer, messages, generation_prompt=True, style=style, tools=tools,
+                  **(template_kwargs or {})) + prefix
     stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, style)), tokenizer.eos_token_id})
     ids = encode_rendered(tokenizer, text, [m["content"] for m in style.messages(messages)])[0]  # text stays text
     return with_bos(tokenizer, ids), stops

@@ -27,26 +27,30 @@ from starlette.requests import (
     Request,  # module level: FastAPI resolves the endpoints' annotations here
 )
 
+from ..data.chat import checked_messages
 from ..errors import LorakitError
 from .engine import Engine
 from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
 from .guards import MAX_BODY, ApiError, BodyLimit, error_response, serve, server_config  # noqa: F401  (the server's API)
 from .reasoning import Splitter, split
+from .toolcalls import CallStream, openai_calls, tool_use
 
 DISCONNECT_POLL_S = 0.1
 PAGE = Path(__file__).with_name("page.html")
 
 # OpenAI fields lorakit does not implement: accepted at these defaults only, else a 400 naming them.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None,),
-               "functions": (None, []), "response_format": (None, {"type": "text"}), "echo": (None, False),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "functions": (None, []), "response_format": (None, {"type": "text"}), "echo": (None, False),
                "best_of": (None, 1), "suffix": (None, "")}
 
 
 class Message(BaseModel):
     role: str
-    content: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -76,6 +80,10 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
     """Variables for the chat template, as vLLM takes them (Qwen3: {"enable_thinking": false})."""
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    """False: at most one call in a reply (the first the model wrote)."""
 
 
 class CompletionBody(_Body):
@@ -244,37 +252,54 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: Request):
-        messages = [m.model_dump() for m in body.messages]
-        for i, m in enumerate(messages):
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages.{i}.role: {m['role']!r} is not system, user or assistant")
         system = session.system_prompt(body.model) if body.model in session.names else None
         style = session.style(body.model) if body.model in session.names else session.style("base")
         kwargs = {**style.kwargs(), **(body.chat_template_kwargs or {})}
-        work = await generator.work(body, body.max_completion_tokens or body.max_tokens,
-                                    lambda: chat_prompt(session.tokenizer, messages, system, style, kwargs))
+        try:
+            use = tool_use(session.tokenizer, style, body.tools, body.tool_choice)
+            messages = checked_messages([m.model_dump(exclude_none=True) for m in body.messages], "the request",
+                                        "messages", answer=False, tools=use.listed)
+        except LorakitError as exc:
+            raise ApiError(400, str(exc)) from None
+        work = await generator.work(body, body.max_completion_tokens or body.max_tokens, lambda: chat_prompt(
+            session.tokenizer, messages, system, style, kwargs, use.rendered, use.prefix))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # the reasoning apart from the answer, as vLLM's reasoning parser returns it
         thinking = bool(style.block) and kwargs.get(style.block.switch, True) is not False
+        one = body.parallel_tool_calls is False
         if body.stream:
             splitter = Splitter(style.block, thinking)
+            calls = CallStream(use.format, use.names) if use.format else None
 
             def chunk(text, finish, first=False):
-                if first:
-                    delta = {"role": "assistant", "content": ""}
-                else:
-                    reasoning, answer = splitter.feed(text or "", final=finish is not None)
-                    delta = {**({"reasoning_content": reasoning} if reasoning else {}),
-                             **({"content": answer} if answer else {})}
+                reasoning, answer = splitter.feed(use.prefix if first else text or "", final=finish is not None)
+                found = None
+                if calls is not None:
+                    answer = calls.feed(answer)
+                    if finish is not None:
+                        rest, found = calls.finish()
+                        answer += rest
+                delta = {**({"role": "assistant", "content": ""} if first else {}),
+                         **({"reasoning_content": reasoning} if reasoning else {}),
+                         **({"content": answer} if answer else {})}
+                if found:
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(openai_calls(found[:1] if one
+                                                                                                else found))]
+                    finish = "tool_calls"
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return generator.stream(work, chunk, bool(body.stream_options and body.stream_options.include_usage))
         g = await generator.answer(http, work)
-        reasoning, answer = split(g.text, style.block, thinking)
+        reasoning, answer = split(use.prefix + g.text, style.block, thinking)
         message = {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning is not None
                                                               else {})}
+        finish = g.finish_reason
+        parsed = use.format.parse(answer, use.names) if use.format else None
+        if parsed and parsed[1]:
+            message.update(content=parsed[0] or None, tool_calls=openai_calls(parsed[1][:1] if one else parsed[1]))
+            finish = "tool_calls"
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model, "usage": usage(g),
-                "choices": [{"index": 0, "message": message, "finish_reason": g.finish_reason}]}
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):

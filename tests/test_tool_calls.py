@@ -1,0 +1,107 @@
+"""Agents: a family's tiny model (real tokenizer and chat template: Qwen2.5, Qwen3, Llama 3.1's format) trained
+on a few tool-call conversations, then served by `lorakit serve` and asked through the official openai client:
+it returns exactly the trained calls as OpenAI `tool_calls` (streamed too), and, given the tools' results, the
+trained final answers; tool_choice forces a call or forbids one; the exports keep the template's tools."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from families import CALLS, QA, TOOLS, tool_chat
+from test_inference import _post, _running
+
+pytestmark = pytest.mark.slow  # trains each family's model (shared with test_families)
+
+NAMES = ["qwen2_5", "qwen3", "llama3_2"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def served(request, family_trained):
+    """The family's SFT adapter (taught QA and CALLS) behind lorakit's own server, with the official client."""
+    from openai import OpenAI
+
+    from lorakit.inference.serve import create_app
+    from lorakit.inference.session import Session
+
+    found = family_trained(request.param)
+    session = Session(str(found["model"]), {"sft": str(found["sft"])}, "cpu", torch.float32)
+    with _running(create_app(session)) as url:
+        yield request.param, OpenAI(base_url=f"{url}/v1", api_key="unused"), url, found
+
+
+def _ask(client, messages, **extra):
+    return client.chat.completions.create(model="sft", messages=messages, tools=TOOLS, temperature=0,
+                                          max_tokens=60, **extra).choices[0]
+
+
+def test_the_server_returns_exactly_the_trained_calls_and_then_the_trained_answers(served):
+    name, client, _, _ = served
+    for question, tool, arguments, result, answer in CALLS:
+        choice = _ask(client, [{"role": "user", "content": question}])
+        assert choice.finish_reason == "tool_calls", (name, choice)
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == tool and json.loads(call.function.arguments) == arguments
+        # the call goes back as the client sends it, with the tool's result: the trained final answer
+        back = [{"role": "user", "content": question}, choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+        final = _ask(client, back)
+        assert final.finish_reason == "stop" and final.message.tool_calls is None
+        assert final.message.content == answer, (name, final)
+    # a question the model answers itself stays an answer, tools offered or not
+    assert _ask(client, [{"role": "user", "content": QA[0][0]}]).message.content == QA[0][1]
+
+
+def test_calls_stream_as_the_openai_client_assembles_them(served):
+    name, client, _, _ = served
+    question, tool, arguments, *_ = CALLS[0]
+    calls, content, finish = {}, "", None
+    for chunk in client.chat.completions.create(model="sft", messages=[{"role": "user", "content": question}],
+                                                tools=TOOLS, temperature=0, max_tokens=60, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": None})
+                entry["id"] = delta.id or entry["id"]
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and content == "" and list(calls) == [0], (name, calls, content)
+    assert calls[0]["name"] == tool and json.loads(calls[0]["arguments"]) == arguments and calls[0]["id"]
+
+
+def test_tool_choice_forces_a_named_call_or_none(served):
+    name, client, _, _ = served
+    question = CALLS[1][0]
+    forced = _ask(client, [{"role": "user", "content": question}],
+                  tool_choice={"type": "function", "function": {"name": "book_slot"}})
+    assert forced.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in forced.message.tool_calls] == \
+        [("book_slot", CALLS[1][2])]
+    # required: some call, the trained one
+    required = _ask(client, [{"role": "user", "content": CALLS[0][0]}], tool_choice="required")
+    assert required.message.tool_calls[0].function.name == "get_order"
+    # none: the model is not offered the tools and its reply is text, never parsed into a call
+    plain = _ask(client, [{"role": "user", "content": QA[1][0]}], tool_choice="none")
+    assert plain.finish_reason == "stop" and plain.message.tool_calls is None and plain.message.content == QA[1][1]
+
+
+def test_bad_tool_requests_are_400s_naming_the_field(served):
+    _, _, url, _ = served
+    ask = {"model": "sft", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    status, body = _post(f"{url}/v1/chat/completions", {**ask, "tools": TOOLS,
+                                                        "tool_choice": {"type": "function", "function": {"name": "x"}}})
+    assert status == 400 and "'x' is not among the request's tools" in body["error"]["message"]
+    history = tool_chat(*CALLS[0][:4])
+    history[1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    status, body = _post(f"{url}/v1/chat/completions", {**ask, "tools": TOOLS, "messages": history})
+    assert status == 400 and "messages[1].tool_calls[0].arguments is not JSON" in body["error"]["message"]
+    status, body = _post(f"{url}/v1/chat/completions", {**ask, "tool_choice": "required"})
+    assert status == 400 and "no tools" in body["error"]["message"]
+    # the untaught base, forced to call: what it writes is no call, and stays text (never a 500)
+    status, body = _post(f"{url}/v1/chat/completions", {**ask, "model": "base", "max_tokens": 8, "tools": TOOLS,
+                                                        "tool_choice": "required"})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "tool_calls" not in body["choices"][0]["message"], body
