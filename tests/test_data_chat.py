@@ -86,7 +86,7 @@ def test_sharegpt_and_alpaca_records_become_messages(work):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
         {"instruction": "Translate", "input": "chat", "output": "猫", "system": "You translate."},
     ])
-    (_, sharegpt), (_, alpaca) = load_conversations(work / "mixed.jsonl").conversations
+    (_, sharegpt, _), (_, alpaca, _) = load_conversations(work / "mixed.jsonl").conversations
     assert sharegpt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert alpaca == [{"role": "system", "content": "You translate."},
                       {"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "猫"}]
@@ -141,7 +141,7 @@ def test_sharegpt_system_and_alpaca_history_are_read_as_llama_factory_writes_the
         {"instruction": "And now?", "output": "Second answer.", "history": [["First?", "First answer."]]},
     ])
     loaded = load_conversations(work / "lf.jsonl")
-    (_, sharegpt), (_, alpaca) = loaded.conversations
+    (_, sharegpt, _), (_, alpaca, _) = loaded.conversations
     assert sharegpt[0] == {"role": "system", "content": "You are a pirate."}
     assert alpaca == [{"role": "user", "content": "First?"}, {"role": "assistant", "content": "First answer."},
                       {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Second answer."}]
@@ -157,14 +157,14 @@ def test_fields_lorakit_does_not_read_are_named_not_dropped_in_silence(work, tin
     path = write_jsonl(work / "c.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}],
          "id": 1},
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "tools": "[]", "id": 2},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "source": "web", "id": 2},
     ])
     assert load_conversations(path).notes == [
         f"note: {path}: field `id` is not read by lorakit (2 record(s), first at line 1)",
         f"note: {path}: field `messages[].weight` is not read by lorakit (1 record(s), first at line 1)",
-        f"note: {path}: field `tools` is not read by lorakit (1 record(s), first at line 2)"]
+        f"note: {path}: field `source` is not read by lorakit (1 record(s), first at line 2)"]
     recipe = write_recipe(work / "r.yaml", f"stage: sft\nmodel: {tiny_instruct}\ndata: {{path: {path}}}\n")
-    assert "field `tools` is not read by lorakit" in lorakit("preview", recipe).stdout
+    assert "field `source` is not read by lorakit" in lorakit("preview", recipe).stdout
 
 
 def test_a_template_that_rewrites_a_message_spelling_a_marker_is_refused_not_guessed(tokenizer):

@@ -166,6 +166,9 @@ def _turn(tokenizer, upto: str, prompt: str, message: dict, where: str, style: S
                            f"when the turn is added; lorakit cannot tell what to train (the template is not supported)")
     written = upto[len(prompt):]
     located = _find(written, message, 0, style)
+    if located is None and message.get("tool_calls"):
+        raise LorakitError(f"{where}: the chat template does not write the assistant's tool calls; it renders no tool "
+                           f"calls (Qwen2.5's, Qwen3's and Llama 3.1's templates do)")
     if located is None:
         raise LorakitError(f"{where}: the chat template does not write an assistant message's content as given; "
                            f"lorakit cannot mask its loss")
@@ -186,7 +189,7 @@ def _calls_turn(tokenizer, written: str, message: dict, position: int, where: st
         at = written.find(call["function"]["name"], position)
         if at < 0:
             raise LorakitError(f"{where}: the chat template does not write the call to {call['function']['name']!r}; "
-                               f"it renders no tool calls (a model whose template has tools is needed)")
+                               f"lorakit cannot mask its loss")
         position = at + len(call["function"]["name"])
     end = end_of_turn(tokenizer, style)
     close = written.find(end, position)
