@@ -1,14 +1,16 @@
 """`lorakit serve --engine vllm` for Qwen3 and Llama 3 (tiny models with their real tokenizers and templates):
 vLLM answers as `lorakit serve` does, stops at the family's end of turn, and (Qwen3) returns the reasoning
-apart from the answer, as lorakit's own server does; `chat_template_kwargs` reach the template in both."""
+apart from the answer, as lorakit's own server does; `chat_template_kwargs` reach the template in both; the
+trained tool calls come back as OpenAI tool_calls from both."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
-from families import QA
+from families import CALLS, QA, TOOLS, tool_chat
 from test_inference import _post, _running
 from test_vllm import VLLM, _serve_with_vllm, pytestmark  # noqa: F401  (slow, and skipped without vLLM)
 
@@ -60,3 +62,21 @@ def test_chat_template_kwargs_reach_the_template_in_both_servers(served):
     theirs, mine = _message(vllm, QA[0][0], **off), _message(ours, QA[0][0], **off)
     assert theirs["content"].lstrip("\n") == mine["content"] == QA[0][1], (theirs, mine)
     assert "reasoning_content" not in mine
+
+
+def test_vllm_returns_the_trained_tool_calls_and_answers_as_lorakit_serve_does(served):
+    """`serve --engine vllm` starts vLLM with the family's tool parser (hermes, llama3_json): the same calls come
+    back as OpenAI tool_calls from both servers, and after the tool's result, the same trained answer."""
+    name, vllm, ours = served
+    for question, tool, arguments, result, answer in CALLS:
+        ask = {"model": "sft", "temperature": 0, "max_tokens": 60, "tools": TOOLS,
+               "messages": [{"role": "user", "content": question}]}
+        for url in (vllm, ours):
+            status, body = _post(f"{url}/v1/chat/completions", ask)
+            assert status == 200 and body["choices"][0]["finish_reason"] == "tool_calls", (name, url, body)
+            calls = body["choices"][0]["message"]["tool_calls"]
+            assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+                [(tool, arguments)], (name, url, body)
+            status, body = _post(f"{url}/v1/chat/completions", {**ask, "messages": tool_chat(question, tool, arguments,
+                                                                                             result)})
+            assert status == 200 and body["choices"][0]["message"]["content"].lstrip("\n") == answer, (name, url, body)

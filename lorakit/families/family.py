@@ -44,6 +44,10 @@ class Family:
     """Tensors llama.cpp wants that the checkpoint computes on the fly (config -> {name: float32 array})."""
     vllm_reasoning_parser: str | None = None
     """vLLM's --reasoning-parser for the family's reasoning block (its reply's reasoning_content)."""
+    vllm_tool_parser: str | None = None
+    """vLLM's --tool-call-parser for the tool calls the family's templates write (a checkpoint whose template
+    renders no tools, Qwen2-Instruct's, is served without one). lorakit's own server reads the format from
+    the template (inference/toolcalls.py)."""
 
     def ollama(self, chat_template: str | None) -> str:
         """The family's template in Ollama's language for a checkpoint with this chat template."""

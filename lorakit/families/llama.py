@@ -50,4 +50,4 @@ def rope_factors(config: dict) -> dict:
 FAMILY = Family(name="Llama 3", model_types=("llama",), checkpoints="Llama 3.0, 3.1, 3.2 (base and instruct)",
                 gguf_arch="llama", gguf_pre="llama-bpe", ollama_template=LLAMA3, permute_qk=True,
                 ollama_variants=(("Cutting Knowledge Date", LLAMA31),),
-                gguf_tensors=rope_factors)
+                gguf_tensors=rope_factors, vllm_tool_parser="llama3_json")

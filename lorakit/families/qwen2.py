@@ -11,4 +11,5 @@ CHATML = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end 
           "{{ end }}{{- end }}<|im_start|>assistant\n")
 
 FAMILY = Family(name="Qwen2", model_types=("qwen2",), checkpoints="Qwen2, Qwen2.5 (base and instruct)",
-                gguf_arch="qwen2", gguf_pre="qwen2", ollama_template=CHATML)
+                gguf_arch="qwen2", gguf_pre="qwen2", ollama_template=CHATML,
+                vllm_tool_parser="hermes")

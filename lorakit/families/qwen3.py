@@ -7,4 +7,5 @@ from .family import Family
 from .qwen2 import CHATML
 
 FAMILY = Family(name="Qwen3", model_types=("qwen3",), checkpoints="Qwen3 (base and instruct)",
-                gguf_arch="qwen3", gguf_pre="qwen2", ollama_template=CHATML, vllm_reasoning_parser="qwen3")
+                gguf_arch="qwen3", gguf_pre="qwen2", ollama_template=CHATML, vllm_reasoning_parser="qwen3",
+                vllm_tool_parser="hermes")

@@ -86,12 +86,15 @@ class Deployment:
     """name -> the chat template variables its data.reasoning renders with (Qwen3 "empty": thinking off)."""
     reasoning_parser: str | None = None
     """vLLM's parser that returns a reply's reasoning as reasoning_content (the family's)."""
+    tool_parser: str | None = None
+    """vLLM's parser of the family's tool calls, where the template renders tools."""
 
 
 def deploy(session_entries: dict[str, str], model: str | None, cache: Path, force: bool) -> Deployment:
     """Flatten every adapter chain into one adapter under `cache` (reused when its sources are unchanged),
     and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
     from ..data.template import end_of_turn, style_for, template_system_prompt
+    from ..data.tools import renders_tools
     from ..families import family_of
     from ..weights.flatten import export_flat_adapter, rank_of
     from ..weights.folders import (
@@ -123,7 +126,8 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
     stops = list(dict.fromkeys(stops))
     family = family_of(load_config(base))
     return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters], kwargs,
-                      family.vllm_reasoning_parser if family else None)
+                      family.vllm_reasoning_parser if family else None,
+                      family.vllm_tool_parser if family and renders_tools(tokenizer) else None)
 
 
 def command(launcher: list[str], deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
@@ -134,6 +138,8 @@ def command(launcher: list[str], deployment: Deployment, port: int, options: tup
             "--port", str(port)]
     if deployment.reasoning_parser:
         args += ["--reasoning-parser", deployment.reasoning_parser]
+    if deployment.tool_parser:  # `tools` answered with OpenAI tool_calls, as lorakit serve answers them
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", deployment.tool_parser]
     if loras:
         args += ["--enable-lora", "--max-lora-rank", str(_supported_rank(deployment.max_rank)),
                  "--max-loras", str(len(loras)), "--lora-modules", *loras]
