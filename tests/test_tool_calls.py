@@ -105,3 +105,22 @@ def test_bad_tool_requests_are_400s_naming_the_field(served):
                                                         "tool_choice": "required"})
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
     assert "tool_calls" not in body["choices"][0]["message"], body
+
+
+def test_chat_shows_a_call_and_takes_the_typed_result(served, tmp_path):
+    from click.testing import CliRunner
+
+    from lorakit.cli import main
+
+    name, _, _, found = served
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    question, tool, arguments, result, answer = CALLS[0]
+    run = CliRunner().invoke(main, ["chat", "--adapter", str(found["sft"]), "--tools", str(tools), "--greedy"],
+                             input=f"{question}\n{json.dumps(result)}\n\n")
+    assert run.exit_code == 0, run.output
+    assert 'assistant> -> get_order(order_id="A12")\nget_order result> ' in run.output, run.output
+    assert f"assistant> {answer}" in run.output
+    once = CliRunner().invoke(main, ["chat", "--adapter", str(found["sft"]), "--tools", str(tools), "--greedy",
+                                     "--prompt", question])
+    assert once.output.strip().splitlines()[-1] == '-> get_order(order_id="A12")', once.output

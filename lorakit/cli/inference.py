@@ -32,32 +32,67 @@ def generate(prompt, model, adapter, sampling, force):
               help="Adapter folder, or NAME=FOLDER; repeat to load several and switch with /adapter NAME.")
 @click.option("--prompt", help="Answer this one message (with the first adapter) and exit.")
 @click.option("--system", help="System prompt (default: the one the adapter was trained with).")
+@click.option("--tools", "tools_file", type=click.Path(dir_okay=False),
+              help="JSON file of the tools the model may call (OpenAI's function list); you type each call's result.")
 @sampling_options
-def chat(model, adapters, prompt, system, sampling, force):
+def chat(model, adapters, prompt, system, tools_file, sampling, force):
     """Chat with a model and its adapters; one-shot with --prompt, interactive otherwise."""
+    tools = _read_tools(tools_file)
     session = open_session(model, adapters, force)
     if prompt is not None:
-        click.echo(_reply(session, [{"role": "user", "content": prompt}], system, sampling))
+        reply = _reply(session, [{"role": "user", "content": prompt}], system, sampling, tools)
+        click.echo("\n".join(filter(None, [reply["content"], *map(_shown, reply.get("tool_calls", []))])))
         return
-    _chat_loop(session, system, sampling)
+    _chat_loop(session, system, sampling, tools)
 
 
-def _reply(session, messages, system, sampling) -> str:
-    """The answer; its reasoning, where the template writes a reasoning block, goes to stderr (a non-empty one)."""
+def _read_tools(path: str | None) -> list[dict] | None:
+    import json
+    from pathlib import Path
+
+    from ..data.tools import checked_tools
+
+    if path is None:
+        return None
+    try:
+        return checked_tools(json.loads(Path(path).read_text(encoding="utf-8")), path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LorakitError(f"--tools {path}: cannot read a JSON list of tools ({exc})") from None
+
+
+def _reply(session, messages, system, sampling, tools=None) -> dict:
+    """The assistant's message: its content, and its tool calls where the reply is calls of `tools`; its
+    reasoning, where the template writes a reasoning block, goes to stderr (a non-empty one)."""
+    from ..data.tools import tool_names
     from ..inference.generate import chat_reply
     from ..inference.reasoning import split
+    from ..inference.toolcalls import tool_use
 
     style = session.style()
+    use = tool_use(session.tokenizer, style, tools, None)
     with session.active() as lm:
         text = chat_reply(lm, session.tokenizer, messages, system if system is not None else session.system_prompt(),
-                          sampling, style)
+                          sampling, style, use.rendered)
     reasoning, answer = split(text, style.block, not style.kwargs())
     if reasoning:
         click.echo(f"(reasoning) {reasoning}", err=True)
-    return answer
+    parsed = use.format.parse(answer, tool_names(tools)) if use.format else None
+    if parsed and parsed[1]:
+        return {"role": "assistant", "content": parsed[0], "tool_calls": [
+            {"type": "function", "function": call} for call in parsed[1]]}
+    return {"role": "assistant", "content": answer}
 
 
-def _chat_loop(session, system, sampling) -> None:
+def _shown(call: dict) -> str:
+    """A tool call as a person reads it: get_order(order_id="A12")."""
+    import json
+
+    function = call["function"]
+    arguments = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in function["arguments"].items())
+    return f"-> {function['name']}({arguments})"
+
+
+def _chat_loop(session, system, sampling, tools=None) -> None:
     import time
 
     history: list[dict] = []
@@ -66,7 +101,9 @@ def _chat_loop(session, system, sampling) -> None:
     if len(adapters) > 1:
         who += f" (the first of {len(adapters)}: {', '.join(adapters)})"
     click.echo(f"chat with {who}: an empty line, /quit or Ctrl-D ends, /reset forgets, /adapters lists, "
-               f"/adapter NAME switches and starts a new conversation (none: the bare base)")
+               f"/adapter NAME switches and starts a new conversation (none: the bare base)"
+               + (f"; tools: {', '.join(t['function']['name'] for t in tools)} (you type each call's result)"
+                  if tools else ""))
     while True:
         try:
             line = click.prompt("you", default="", show_default=False, prompt_suffix="> ").strip()
@@ -94,8 +131,26 @@ def _chat_loop(session, system, sampling) -> None:
             click.echo(f"unknown command {line}; commands: /reset, /adapters, /adapter NAME, /quit")
         else:
             history.append({"role": "user", "content": line})
-            history.append({"role": "assistant", "content": _reply(session, history, system, sampling)})
+            if not _answer(session, history, system, sampling, tools):
+                return
+
+
+def _answer(session, history, system, sampling, tools) -> bool:
+    """The assistant's turns until one is not calls: each call shown, and its result typed by the person
+    (Ctrl-D: the session ends, False)."""
+    while True:
+        history.append(_reply(session, history, system, sampling, tools))
+        if history[-1]["content"]:
             click.echo(f"assistant> {history[-1]['content']}")
+        for call in history[-1].get("tool_calls", []):
+            click.echo(f"assistant> {_shown(call)}")
+            try:
+                result = click.prompt(f"{call['function']['name']} result", prompt_suffix="> ")
+            except click.exceptions.Abort:
+                return False
+            history.append({"role": "tool", "content": result})
+        if not history[-1]["role"] == "tool":
+            return True
 
 
 @click.command("eval")

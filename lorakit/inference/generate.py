@@ -100,7 +100,8 @@ def generate_text(model, tokenizer, prompt: str, sampling: Sampling = Sampling()
 
 
 def chat_reply(model, tokenizer, messages: list[dict], system_prompt: str | None,
-               sampling: Sampling = Sampling(), style: Style = PLAIN) -> str:
-    """The assistant's next turn, rendered with the chat template, the recorded system prompt and reasoning."""
-    ids, stops = chat_prompt(tokenizer, messages, system_prompt, style)
+               sampling: Sampling = Sampling(), style: Style = PLAIN, tools: list[dict] | None = None) -> str:
+    """The assistant's next turn, rendered with the chat template, the recorded system prompt and reasoning
+    (and the tools it may call)."""
+    ids, stops = chat_prompt(tokenizer, messages, system_prompt, style, tools=tools)
     return complete(model, tokenizer, ids, stops, sampling).text
