@@ -16,7 +16,7 @@ def llama(path: str, **options):
     """llama.cpp on the file, closed after use (else its finalizer fails at interpreter exit)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False, **options)
+    llm = llama_cpp.Llama(model_path=path, **{"n_ctx": 256, "n_threads": 2, "verbose": False, **options})
     try:
         yield llm
     finally:
@@ -53,11 +53,12 @@ def tokenize(path: str, texts: list[str]) -> list[list[int]]:
         return [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
 
 
-def chat(path: str, messages: list[dict], new_tokens: int) -> tuple[str, str]:
-    """The chat template in the file's metadata, and llama.cpp's own chat completion of `messages`."""
-    with llama(path) as llm:
+def chat(path: str, messages: list[dict], new_tokens: int, tools: list[dict] | None = None) -> tuple[str, str]:
+    """The chat template in the file's metadata, and llama.cpp's own chat completion of `messages` (offered
+    `tools`, which the file's template renders)."""
+    with llama(path, n_ctx=1024 if tools else 256) as llm:
         reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, repeat_penalty=1.0,
-                                           max_tokens=new_tokens)
+                                           max_tokens=new_tokens, tools=tools)
         return llm.metadata["tokenizer.chat_template"], reply["choices"][0]["message"]["content"]
 
 

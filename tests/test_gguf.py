@@ -158,11 +158,11 @@ def test_a_gguf_export_carries_the_weights_the_vocabulary_the_template_and_a_mod
     assert (exported["adapter"] / adapter["FROM"][0]).resolve() == (exported["base"] / "model.gguf").resolve()
 
 
-def _ollama_prompt(template: str, messages: list[dict]) -> str:
+def _ollama_prompt(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
     """The prompt Ollama builds from a Modelfile TEMPLATE (Go's text/template, Ollama's message handling)."""
     found = subprocess.run(["go", "run", str(Path(__file__).parent / "ollama" / "render.go")], check=True,
-                           input=json.dumps({"template": template, "messages": messages}), capture_output=True,
-                           text=True, timeout=300)
+                           input=json.dumps({"template": template, "messages": messages, "tools": tools}),
+                           capture_output=True, text=True, timeout=300)
     return found.stdout
 
 

@@ -124,3 +124,66 @@ def test_chat_shows_a_call_and_takes_the_typed_result(served, tmp_path):
     once = CliRunner().invoke(main, ["chat", "--adapter", str(found["sft"]), "--tools", str(tools), "--greedy",
                                      "--prompt", question])
     assert once.output.strip().splitlines()[-1] == '-> get_order(order_id="A12")', once.output
+
+
+def _canonical(text: str) -> str:
+    """`text` with every JSON object in it written one way (sorted keys, no spaces): Ollama writes JSON compactly
+    where the templates write `tojson`'s spaces or indents."""
+    out, position = [], 0
+    while position < len(text):
+        if text[position] == "{":
+            try:
+                value, end = json.JSONDecoder().raw_decode(text, position)
+                out.append(json.dumps(value, sort_keys=True, separators=(",", ":")))
+                position = end
+                continue
+            except json.JSONDecodeError:
+                pass
+        out.append(text[position])
+        position += 1
+    return "".join(out)
+
+
+def test_exports_keep_the_tools_template(served):
+    """The merged folder renders tools as the base does; the GGUF carries that template and llama.cpp, rendering
+    it with the tools, writes the trained call; the Modelfile's template renders the tools, the call and the
+    result in Ollama's engine as the checkpoint's template does."""
+    import re
+
+    from test_gguf import _isolated, _ollama_prompt, needs_go, needs_llama  # noqa: F401
+    from transformers import AutoTokenizer
+
+    from lorakit.data.template import style_for
+    from lorakit.inference.toolcalls import call_format
+    from lorakit.weights.gguf import parse_modelfile
+
+    from lorakit.data.chat import checked_messages
+
+    name, _, _, found = served
+    base, merged = AutoTokenizer.from_pretrained(found["model"]), AutoTokenizer.from_pretrained(found["merged"])
+    question, tool, arguments, result, _ = CALLS[0]
+    # as lorakit renders a conversation: the call's arguments an object (a template writes a JSON string quoted)
+    talk = checked_messages([{"role": "system", "content": "Answer briefly."}, *tool_chat(question, tool, arguments,
+                                                                                         result)], "talk", "messages",
+                            answer=False, tools=TOOLS)
+    for messages in (talk, talk[:2]):
+        assert merged.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True) == \
+            base.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    import shutil
+
+    if shutil.which("go"):
+        template = parse_modelfile((found["gguf"] / "Modelfile").read_text())["TEMPLATE"][0]
+        ours = [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls")} for m in talk]
+        expected = base.apply_chat_template(talk, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        expected = re.sub(r"Today Date: \d\d \w\w\w \d{4}\n", "", expected)  # Ollama's Llama templates leave it out
+        bos = base.bos_token or ""
+        rendered = (bos if bos and expected.startswith(bos) else "") + _ollama_prompt(template, ours, TOOLS)
+        assert _canonical(rendered) == _canonical(expected), (rendered, expected)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return
+    chat_template, reply = _isolated("chat", str(found["gguf"] / "model.gguf"), talk[1:2], 60, TOOLS)
+    assert chat_template == merged.chat_template
+    calls = call_format(merged, style_for(merged, "none")).parse(reply.split("</think>")[-1].strip(), {tool})
+    assert calls == ("", [{"name": tool, "arguments": arguments}]), reply

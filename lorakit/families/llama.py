@@ -16,11 +16,22 @@ LLAMA3 = ("{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Sy
 
 
 # Llama 3.1+ always opens with a system header naming the knowledge cut-off, as Ollama's own llama3.1/3.2
-# templates do; their "Today Date" line (the day of rendering) is left out, as Ollama's templates leave it.
-LLAMA31 = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n"
-           "{{ if .System }}{{ .System }}{{ end }}<|eot_id|>"
-           "{{- range .Messages }}{{- if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-           "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+# templates do; their "Today Date" line (the day of rendering) is left out, as Ollama's templates leave it. The
+# tools go into the first user turn and tool results are "ipython" turns, as the checkpoints' own template
+# writes them (Ollama writes JSON compactly where that template indents it).
+LLAMA31 = ("<|start_header_id|>system<|end_header_id|>\n\n{{ if .Tools }}Environment: ipython\n{{ end }}"
+           "Cutting Knowledge Date: December 2023\n\n{{ if .System }}{{ .System }}{{ end }}<|eot_id|>"
+           "{{- $first := true }}{{- range .Messages }}{{- if eq .Role \"user\" }}"
+           "<|start_header_id|>user<|end_header_id|>\n\n{{ if and $first $.Tools }}Given the following functions, "
+           "please respond with a JSON for a function call with its proper arguments that best answers the given "
+           "prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": dictionary of argument name "
+           "and its value}.Do not use variables.\n\n{{ range $.Tools }}{{ json . }}\n\n{{ end }}{{ end }}"
+           "{{ .Content }}<|eot_id|>{{ $first = false }}"
+           "{{- else if eq .Role \"assistant\" }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ if .ToolCalls }}"
+           "{{ range .ToolCalls }}{\"name\": \"{{ .Function.Name }}\", \"parameters\": {{ json .Function.Arguments }}}"
+           "{{ end }}{{ else }}{{ .Content }}{{ end }}<|eot_id|>"
+           "{{- else if eq .Role \"tool\" }}<|start_header_id|>ipython<|end_header_id|>\n\n{{ json .Content }}<|eot_id|>"
+           "{{- end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def rope_factors(config: dict) -> dict:
