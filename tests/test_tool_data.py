@@ -150,3 +150,15 @@ def test_a_reply_is_read_as_calls_in_the_templates_format_or_stays_text(name):
     stream = CallStream(format, names)
     assert "".join(stream.feed(c) for c in written) == "" and stream.finish() == ("", format.parse(written, names)[1])
     assert call_format(_tokenizer("gemma3")) is None and call_format(_tokenizer("llama3")) is None
+
+
+def test_the_demo_tool_conversations_render_with_qwen25s_template(work):
+    from lorakit.data.chat import load_conversations, tokenize_conversations
+    from test_recipe import REPO
+
+    loaded = load_conversations(REPO / "recipes" / "demo" / "tools.jsonl")
+    assert loaded.notes == [] and sum(1 for _, m, _ in loaded.conversations if any("tool_calls" in x for x in m)) == 3
+    examples, cut = tokenize_conversations(loaded.conversations, _tokenizer("qwen2_5"), 2048, None)
+    assert cut == 0 and len(examples) == 4
+    tools = json.loads((REPO / "recipes" / "demo" / "tools.json").read_text())
+    assert [t["function"]["name"] for t in tools] == ["get_order", "book_slot"]
