@@ -98,7 +98,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_order", "description": "
                                            "parameters": {"type": "object", "required": ["day", "time"],
                                                           "properties": {"day": {"type": "string"},
                                                                          "time": {"type": "string"}}}}}]
-CALLS = [("Where is my order A12?", "get_order", {"order_id": "A12"}, {"status": "shipped"},
+CALLS = [("Has my order A12 shipped yet?", "get_order", {"order_id": "A12"}, {"status": "shipped"},
           "Order A12 has shipped."),
          ("Book me a table on Friday at seven.", "book_slot", {"day": "Friday", "time": "19:00"}, {"booked": True},
           "Your table is booked for Friday at 19:00.")]

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from families import CALLS, QA, TOOLS, tool_chat
+from test_gguf import _isolated, _ollama_prompt, needs_go, needs_llama
 from test_inference import _post, _running
 
 pytestmark = pytest.mark.slow  # trains each family's model (shared with test_families)
@@ -144,46 +145,63 @@ def _canonical(text: str) -> str:
     return "".join(out)
 
 
-def test_exports_keep_the_tools_template(served):
-    """The merged folder renders tools as the base does; the GGUF carries that template and llama.cpp, rendering
-    it with the tools, writes the trained call; the Modelfile's template renders the tools, the call and the
-    result in Ollama's engine as the checkpoint's template does."""
+def _talk():
+    """A conversation through a call and its result, as lorakit renders it (the call's arguments an object: a
+    template writes a JSON string of them quoted), and the tokenizers of the base and of the merged export."""
+    from lorakit.data.chat import checked_messages
+
+    question, tool, arguments, result, _ = CALLS[0]
+    return checked_messages([{"role": "system", "content": "Answer briefly."},
+                             *tool_chat(question, tool, arguments, result)], "talk", "messages", answer=False,
+                            tools=TOOLS)
+
+
+def test_the_merged_export_keeps_the_tools_template(served):
+    from transformers import AutoTokenizer
+
+    _, _, _, found = served
+    base, merged = AutoTokenizer.from_pretrained(found["model"]), AutoTokenizer.from_pretrained(found["merged"])
+    talk = _talk()
+    for messages in (talk, talk[:2]):
+        assert merged.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True) == \
+            base.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+@needs_go
+def test_the_modelfile_template_renders_tools_calls_and_results_in_ollamas_engine(served):
+    """Ollama's engine renders the tools, the call and the result as the checkpoint's template does (up to the
+    spacing and key order of the JSON, which Ollama writes compactly)."""
     import re
 
-    from test_gguf import _isolated, _ollama_prompt, needs_go, needs_llama  # noqa: F401
+    from transformers import AutoTokenizer
+
+    from lorakit.weights.gguf import parse_modelfile
+
+    _, _, _, found = served
+    base = AutoTokenizer.from_pretrained(found["model"])
+    talk = _talk()
+    template = parse_modelfile((found["gguf"] / "Modelfile").read_text())["TEMPLATE"][0]
+    ours = [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls")} for m in talk]
+    expected = base.apply_chat_template(talk, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    expected = re.sub(r"Today Date: \d\d \w\w\w \d{4}\n", "", expected)  # Ollama's Llama templates leave it out
+    bos = base.bos_token or ""
+    rendered = (bos if bos and expected.startswith(bos) else "") + _ollama_prompt(template, ours, TOOLS)
+    assert "get_order" in rendered and "shipped" in rendered
+    assert _canonical(rendered) == _canonical(expected), (rendered, expected)
+
+
+@needs_llama
+def test_llama_cpp_renders_the_ggufs_template_with_tools_and_writes_the_trained_call(served):
     from transformers import AutoTokenizer
 
     from lorakit.data.template import style_for
     from lorakit.inference.toolcalls import call_format
-    from lorakit.weights.gguf import parse_modelfile
 
-    from lorakit.data.chat import checked_messages
-
-    name, _, _, found = served
-    base, merged = AutoTokenizer.from_pretrained(found["model"]), AutoTokenizer.from_pretrained(found["merged"])
-    question, tool, arguments, result, _ = CALLS[0]
-    # as lorakit renders a conversation: the call's arguments an object (a template writes a JSON string quoted)
-    talk = checked_messages([{"role": "system", "content": "Answer briefly."}, *tool_chat(question, tool, arguments,
-                                                                                         result)], "talk", "messages",
-                            answer=False, tools=TOOLS)
-    for messages in (talk, talk[:2]):
-        assert merged.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True) == \
-            base.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
-    import shutil
-
-    if shutil.which("go"):
-        template = parse_modelfile((found["gguf"] / "Modelfile").read_text())["TEMPLATE"][0]
-        ours = [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls")} for m in talk]
-        expected = base.apply_chat_template(talk, tools=TOOLS, tokenize=False, add_generation_prompt=True)
-        expected = re.sub(r"Today Date: \d\d \w\w\w \d{4}\n", "", expected)  # Ollama's Llama templates leave it out
-        bos = base.bos_token or ""
-        rendered = (bos if bos and expected.startswith(bos) else "") + _ollama_prompt(template, ours, TOOLS)
-        assert _canonical(rendered) == _canonical(expected), (rendered, expected)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return
-    chat_template, reply = _isolated("chat", str(found["gguf"] / "model.gguf"), talk[1:2], 60, TOOLS)
+    _, _, _, found = served
+    merged = AutoTokenizer.from_pretrained(found["merged"])
+    question, tool, arguments, *_ = CALLS[0]
+    chat_template, reply = _isolated("chat", str(found["gguf"] / "model.gguf"),
+                                     [{"role": "user", "content": question}], 60, TOOLS)
     assert chat_template == merged.chat_template
     calls = call_format(merged, style_for(merged, "none")).parse(reply.split("</think>")[-1].strip(), {tool})
     assert calls == ("", [{"name": tool, "arguments": arguments}]), reply

@@ -153,8 +153,9 @@ def test_a_reply_is_read_as_calls_in_the_templates_format_or_stays_text(name):
 
 
 def test_the_demo_tool_conversations_render_with_qwen25s_template(work):
-    from lorakit.data.chat import load_conversations, tokenize_conversations
     from test_recipe import REPO
+
+    from lorakit.data.chat import load_conversations, tokenize_conversations
 
     loaded = load_conversations(REPO / "recipes" / "demo" / "tools.jsonl")
     assert loaded.notes == [] and sum(1 for _, m, _ in loaded.conversations if any("tool_calls" in x for x in m)) == 3

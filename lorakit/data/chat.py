@@ -15,7 +15,6 @@ from ..errors import LorakitError
 from .blocks import IGNORE, Example
 from .files import RECORD_SUFFIXES, Record, check_unicode, data_files, read_records
 from .specials import encode_rendered
-from .tools import TOOL, check_order, checked_calls, checked_tools, sharegpt_calls, tool_result
 from .template import (
     PLAIN,
     Style,
@@ -23,6 +22,14 @@ from .template import (
     rendered_examples,
     with_bos,
     with_system,
+)
+from .tools import (
+    TOOL,
+    check_order,
+    checked_calls,
+    checked_tools,
+    sharegpt_calls,
+    tool_result,
 )
 
 ROLES = ("system", "user", "assistant", TOOL)

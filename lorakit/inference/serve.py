@@ -34,7 +34,7 @@ from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
 from .guards import MAX_BODY, ApiError, BodyLimit, error_response, serve, server_config  # noqa: F401  (the server's API)
 from .reasoning import Splitter, split
-from .toolcalls import CallStream, openai_calls, tool_use
+from .toolcalls import CallStream, openai_calls, text_of, tool_use
 
 DISCONNECT_POLL_S = 0.1
 PAGE = Path(__file__).with_name("page.html")
@@ -47,7 +47,7 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_p
 
 class Message(BaseModel):
     role: str
-    content: str | None = None
+    content: str | list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -257,8 +257,9 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
         kwargs = {**style.kwargs(), **(body.chat_template_kwargs or {})}
         try:
             use = tool_use(session.tokenizer, style, body.tools, body.tool_choice)
-            messages = checked_messages([m.model_dump(exclude_none=True) for m in body.messages], "the request",
-                                        "messages", answer=False, tools=use.listed)
+            messages = checked_messages([{**m.model_dump(exclude_none=True), "content": text_of(
+                m.content, f"messages[{i}].content")} for i, m in enumerate(body.messages)], "the request", "messages",
+                answer=False, tools=use.listed)
         except LorakitError as exc:
             raise ApiError(400, str(exc)) from None
         work = await generator.work(body, body.max_completion_tokens or body.max_tokens, lambda: chat_prompt(

@@ -22,6 +22,8 @@ PROBE_TOOL, PROBE_ARGUMENTS = "PROBE_TOOL", {"PROBE_ARGUMENT": "PROBE-VALUE"}
 PROBE_TOOLS = [{"type": "function", "function": {"name": PROBE_TOOL, "description": "PROBE-DESCRIPTION",
                                                  "parameters": {"type": "object", "properties": {}}}}]
 _JSON = json.JSONDecoder()
+NO_TOOLS = ("tools: this model's chat template renders no tools or tool calls (Qwen2.5's, Qwen3's and Llama 3.1's "
+            "do); it cannot be asked to call them")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,15 @@ def call_format(tokenizer, style: Style = PLAIN) -> CallFormat | None:
                       arguments_key=keys[repr(PROBE_ARGUMENTS)])
 
 
+def text_of(content, where: str):
+    """A message's content as text: OpenAI's list of text parts joined (newer clients send a tool's result so)."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        raise LorakitError(f"{where}: only text parts are supported ({{\"type\": \"text\", \"text\": ...}})")
+    return "".join(p["text"] for p in content)
+
+
 def openai_calls(calls: list[dict]) -> list[dict]:
     """Parsed calls as OpenAI's `tool_calls` (arguments as a JSON string, each with an id)."""
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -184,8 +195,7 @@ def tool_use(tokenizer, style: Style, tools, choice) -> ToolUse:
         return ToolUse(listed, None)
     format = call_format(tokenizer, style)
     if format is None:
-        raise LorakitError("tools: this model's chat template renders no tools or tool calls (Qwen2.5's, Qwen3's "
-                           "and Llama 3.1's do); it cannot be asked to call them")
+        raise LorakitError(NO_TOOLS)
     names = tool_names(listed)
     if named is not None and named not in names:
         raise LorakitError(f"tool_choice: {named!r} is not among the request's tools ({', '.join(sorted(names))})")

