@@ -163,3 +163,14 @@ def test_the_demo_tool_conversations_render_with_qwen25s_template(work):
     assert cut == 0 and len(examples) == 4
     tools = json.loads((REPO / "recipes" / "demo" / "tools.json").read_text())
     assert [t["function"]["name"] for t in tools] == ["get_order", "book_slot"]
+
+
+def test_a_conversation_the_template_itself_refuses_is_one_line_naming_the_record():
+    """Llama 3.1's template allows one call per turn, and says so by raising: that is the record's error."""
+    two = {"tools": TOOLS, "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "get_order", "arguments": {}}}, {"function": {"name": "book_slot", "arguments": {}}}]}]}
+    with pytest.raises(LorakitError) as raised:
+        _trained(_tokenizer("llama3_2"), two, "llama3_2")
+    assert str(raised.value) == ("data.jsonl line 1: the chat template refuses the conversation: This model only "
+                                 "supports single tool-calls at once!")
+    assert _trained(_tokenizer("qwen2_5"), two, "qwen2_5")[0][0][0].count("<tool_call>") == 2  # Qwen's takes both

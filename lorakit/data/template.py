@@ -125,9 +125,18 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool = False, sty
                            "model's tokenizer carries it)")
     if tools:
         kwargs["tools"] = tools
-    text = tokenizer.apply_chat_template(style.messages(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt, **{**style.kwargs(), **kwargs})
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(style.messages(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt, **{**style.kwargs(), **kwargs})
+    except TemplateError as exc:  # the template's own raise_exception (Llama 3.1: one tool call per turn)
+        raise Refused(f"the chat template refuses the conversation: {exc}") from None
     return style.finish(text)
+
+
+class Refused(LorakitError):
+    """The chat template itself raised on a conversation (its message says why)."""
 
 
 class Rendered(NamedTuple):
@@ -141,6 +150,14 @@ def rendered_examples(tokenizer, messages: list[dict], where: str, style: Style 
                       tools: list[dict] | None = None) -> list[Rendered]:
     """The conversation as training examples: the whole rendering with every assistant turn it renders as the
     model writes it, and one example more for each turn it renders otherwise."""
+    try:
+        return _rendered_examples(tokenizer, messages, where, style, tools)
+    except Refused as exc:
+        raise LorakitError(f"{where}: {exc}") from None
+
+
+def _rendered_examples(tokenizer, messages: list[dict], where: str, style: Style,
+                       tools: list[dict] | None) -> list[Rendered]:
     whole = render(tokenizer, messages, style=style, tools=tools)
     found = _contents_in(whole, style.messages(messages), style)
     trained, apart = [], []
