@@ -20,6 +20,11 @@ from typing import Any
 from ..errors import LorakitError
 
 TOOL = "tool"
+PROBE_TOOL = "PROBE_TOOL"
+PROBE_TOOLS = [{"type": "function", "function": {"name": PROBE_TOOL, "description": "PROBE-DESCRIPTION",
+                                                 "parameters": {"type": "object", "properties": {}}}}]
+"""A tool the templates are asked to render, to read what they do with tools (renders_tools,
+inference/toolcalls.call_format)."""
 _RENDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -122,9 +127,8 @@ def renders_tools(tokenizer) -> bool:
     from .template import render
 
     def probe(tokenizer) -> bool:
-        tools = [{"type": "function", "function": {"name": "PROBE_TOOL", "description": "PROBE-DESCRIPTION"}}]
         try:
-            return "PROBE-DESCRIPTION" in render(tokenizer, [{"role": "user", "content": "PROBE"}], tools=tools)
+            return "PROBE-DESCRIPTION" in render(tokenizer, [{"role": "user", "content": "PROBE"}], tools=PROBE_TOOLS)
         except Exception:  # noqa: BLE001  (a template that fails on tools renders none)
             return False
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import uuid
+import weakref
 from dataclasses import dataclass
 
+from ..data.specials import once_per_tokenizer
 from ..data.template import PLAIN, Style, end_of_turn, render
-from ..data.tools import checked_tools, tool_names
+from ..data.tools import PROBE_TOOL, PROBE_TOOLS, checked_tools, tool_names
 from ..errors import LorakitError
 
-PROBE_TOOL, PROBE_ARGUMENTS = "PROBE_TOOL", {"PROBE_ARGUMENT": "PROBE-VALUE"}
-PROBE_TOOLS = [{"type": "function", "function": {"name": PROBE_TOOL, "description": "PROBE-DESCRIPTION",
-                                                 "parameters": {"type": "object", "properties": {}}}}]
+PROBE_ARGUMENTS = {"PROBE_ARGUMENT": "PROBE-VALUE"}
 _JSON = json.JSONDecoder()
+_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 NO_TOOLS = ("tools: this model's chat template renders no tools or tool calls (Qwen2.5's, Qwen3's and Llama 3.1's "
             "do); it cannot be asked to call them")
 
@@ -88,7 +89,14 @@ def _skip(text: str, position: int) -> int:
 
 def call_format(tokenizer, style: Style = PLAIN) -> CallFormat | None:
     """The template's format of tool calls, or None where it renders no tools or no calls (Qwen2-Instruct's,
-    Gemma 3's, Llama 3.0's)."""
+    Gemma 3's, Llama 3.0's); read once per tokenizer and style (the server asks on every request)."""
+    formats = once_per_tokenizer(_FORMATS, tokenizer, lambda _: {})
+    if style not in formats:
+        formats[style] = _probe_format(tokenizer, style)
+    return formats[style]
+
+
+def _probe_format(tokenizer, style: Style) -> CallFormat | None:
     call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": PROBE_ARGUMENTS}}
     question = [{"role": "user", "content": "PROBE-QUESTION"}]
     try:
