@@ -30,6 +30,7 @@ from .tools import (
     checked_tools,
     sharegpt_calls,
     tool_result,
+    written_texts,
 )
 
 ROLES = ("system", "user", "assistant", TOOL)
@@ -187,7 +188,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
                           style: Style = PLAIN, tools: list[dict] | None = None) -> list[Example]:
     """Token ids and labels of one conversation (one example, or more where the template renders an earlier
     turn otherwise once later turns follow: template.rendered_examples), each truncated to max_length."""
-    examples, contents = [], [m["content"] for m in style.messages(messages)]
+    examples, contents = [], written_texts(style.messages(messages))
     for text, spans in rendered_examples(tokenizer, messages, where, style, tools):
         ids, offsets = encode_rendered(tokenizer, text, contents, limit=max_length)
         labels = [t if any(s <= begin < e for s, e in spans) else IGNORE for t, (begin, _) in zip(ids, offsets)]

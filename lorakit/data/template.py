@@ -16,6 +16,7 @@ close a turn with a special token, is refused in one line, never trained with a 
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -208,6 +209,10 @@ def _calls_turn(tokenizer, written: str, message: dict, position: int, where: st
             raise LorakitError(f"{where}: the chat template does not write the call to {call['function']['name']!r}; "
                                f"lorakit cannot mask its loss")
         position = at + len(call["function"]["name"])
+        # past the arguments as `tojson` writes them, where it does: they may spell the end-of-turn token as text
+        arguments = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+        written_at = written.find(arguments, position)
+        position = written_at + len(arguments) if written_at >= 0 else position
     end = end_of_turn(tokenizer, style)
     close = written.find(end, position)
     if close < 0:

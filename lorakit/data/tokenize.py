@@ -18,7 +18,7 @@ from .pairs import to_preference, tokenize_answers, with_kl
 from .specials import encode_text, holds_markers
 from .template import end_of_turn, style_for, with_bos, with_system
 from .text import document_text
-from .tools import renders_tools
+from .tools import renders_tools, written_texts
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def tokenize_batch(batch: dict, tokenizer, settings: TokenizeSettings) -> dict:
         except LorakitError as exc:
             _failed(out, where, file, str(exc))
             continue
-        literal = holds_markers(tokenizer, [m["content"] for m in messages])
+        literal = holds_markers(tokenizer, written_texts(messages))
         for index, example in enumerate(examples):
             _add(out, where, file, example.input_ids, example.labels, "", [] if index else unread,
                  eot_id in example.labels, literal)

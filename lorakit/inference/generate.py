@@ -8,6 +8,7 @@ import torch
 
 from ..data.specials import encode_rendered
 from ..data.template import PLAIN, Style, end_of_turn, render, with_bos, with_system
+from ..data.tools import written_texts
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def chat_prompt(tokenizer, messages: list[dict], system_prompt: str | None, styl
     text = render(tokenizer, messages, generation_prompt=True, style=style, tools=tools,
                   **(template_kwargs or {})) + prefix
     stops = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, style)), tokenizer.eos_token_id})
-    ids = encode_rendered(tokenizer, text, [m["content"] for m in style.messages(messages)])[0]  # text stays text
+    ids = encode_rendered(tokenizer, text, written_texts(style.messages(messages)))[0]  # text stays text
     return with_bos(tokenizer, ids), stops
 
 
