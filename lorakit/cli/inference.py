@@ -63,7 +63,6 @@ def _read_tools(path: str | None) -> list[dict] | None:
 def _reply(session, messages, system, sampling, tools=None) -> dict:
     """The assistant's message: its content, and its tool calls where the reply is calls of `tools`; its
     reasoning, where the template writes a reasoning block, goes to stderr (a non-empty one)."""
-    from ..data.tools import tool_names
     from ..inference.generate import chat_reply
     from ..inference.reasoning import split
     from ..inference.toolcalls import tool_use
@@ -76,7 +75,7 @@ def _reply(session, messages, system, sampling, tools=None) -> dict:
     reasoning, answer = split(text, style.block, not style.kwargs())
     if reasoning:
         click.echo(f"(reasoning) {reasoning}", err=True)
-    parsed = use.format.parse(answer, tool_names(tools)) if use.format else None
+    parsed = use.format.parse(answer, use.names) if use.format else None
     if parsed and parsed[1]:
         return {"role": "assistant", "content": parsed[0], "tool_calls": [
             {"type": "function", "function": call} for call in parsed[1]]}

@@ -16,13 +16,13 @@ close a turn with a special token, is refused in one line, never trained with a 
 
 from __future__ import annotations
 
-import json
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import LorakitError
 from .specials import markers, once_per_tokenizer
+from .tools import written_arguments
 
 REASONING_MODES = ("keep", "empty", "none")
 THINKING_SWITCH = "enable_thinking"
@@ -210,7 +210,7 @@ def _calls_turn(tokenizer, written: str, message: dict, position: int, where: st
                                f"lorakit cannot mask its loss")
         position = at + len(call["function"]["name"])
         # past the arguments as `tojson` writes them, where it does: they may spell the end-of-turn token as text
-        arguments = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+        arguments = written_arguments(call)
         written_at = written.find(arguments, position)
         position = written_at + len(arguments) if written_at >= 0 else position
     end = end_of_turn(tokenizer, style)

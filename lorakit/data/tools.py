@@ -139,5 +139,9 @@ def written_texts(messages: list[dict]) -> list[str]:
     """What a conversation's messages give the template to write, in order: each content, and each call's
     arguments as the templates' `tojson` writes them. specials.encode_rendered keeps all of it text: an
     argument spelling <|im_end|> must not close a turn in training or in a served prompt."""
-    return [text for m in messages for text in [m["content"], *(
-        json.dumps(c["function"]["arguments"], ensure_ascii=False) for c in m.get("tool_calls", ()))]]
+    return [text for m in messages for text in [m["content"], *map(written_arguments, m.get("tool_calls", ()))]]
+
+
+def written_arguments(call: dict) -> str:
+    """A checked call's arguments as the templates' `tojson` writes them (transformers' filter: json.dumps)."""
+    return json.dumps(call["function"]["arguments"], ensure_ascii=False)

@@ -34,7 +34,7 @@ from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
 from .guards import MAX_BODY, ApiError, BodyLimit, error_response, serve, server_config  # noqa: F401  (the server's API)
 from .reasoning import Splitter, split
-from .toolcalls import CallStream, openai_calls, text_of, tool_use
+from .toolcalls import CallStream, text_of, tool_use
 
 DISCONNECT_POLL_S = 0.1
 PAGE = Path(__file__).with_name("page.html")
@@ -256,7 +256,7 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
         style = session.style(body.model) if body.model in session.names else session.style("base")
         kwargs = {**style.kwargs(), **(body.chat_template_kwargs or {})}
         try:
-            use = tool_use(session.tokenizer, style, body.tools, body.tool_choice)
+            use = tool_use(session.tokenizer, style, body.tools, body.tool_choice, body.parallel_tool_calls)
             messages = checked_messages([{**m.model_dump(exclude_none=True), "content": text_of(
                 m.content, f"messages[{i}].content")} for i, m in enumerate(body.messages)], "the request", "messages",
                 answer=False, tools=use.listed)
@@ -267,7 +267,6 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # the reasoning apart from the answer, as vLLM's reasoning parser returns it
         thinking = bool(style.block) and kwargs.get(style.block.switch, True) is not False
-        one = body.parallel_tool_calls is False
         if body.stream:
             splitter = Splitter(style.block, thinking)
             calls = CallStream(use.format, use.names) if use.format else None
@@ -284,8 +283,7 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
                          **({"reasoning_content": reasoning} if reasoning else {}),
                          **({"content": answer} if answer else {})}
                 if found:
-                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(openai_calls(found[:1] if one
-                                                                                                else found))]
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(use.reply_calls(found))]
                     finish = "tool_calls"
                 return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -297,7 +295,7 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
         finish = g.finish_reason
         parsed = use.format.parse(answer, use.names) if use.format else None
         if parsed and parsed[1]:
-            message.update(content=parsed[0] or None, tool_calls=openai_calls(parsed[1][:1] if one else parsed[1]))
+            message.update(content=parsed[0] or None, tool_calls=use.reply_calls(parsed[1]))
             finish = "tool_calls"
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model, "usage": usage(g),
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}]}

@@ -187,11 +187,18 @@ class ToolUse:
     """The tools a call may name (a forced one: that one)."""
     prefix: str = ""
     """The start of the turn a forced call gives the model."""
+    single: bool = False
+    """parallel_tool_calls false: a reply keeps its first call only."""
+
+    def reply_calls(self, calls: list[dict]) -> list[dict]:
+        """A reply's parsed calls as OpenAI's `tool_calls`, as many as the request allows."""
+        return openai_calls(calls[:1] if self.single else calls)
 
 
-def tool_use(tokenizer, style: Style, tools, choice) -> ToolUse:
-    """The request's tools and tool_choice (OpenAI's: "auto", "none", "required" or {"type": "function",
-    "function": {"name"}}) for this template; LorakitError for what cannot be honoured."""
+def tool_use(tokenizer, style: Style, tools, choice, parallel: bool | None = None) -> ToolUse:
+    """The request's tools, tool_choice (OpenAI's: "auto", "none", "required" or {"type": "function",
+    "function": {"name"}}) and parallel_tool_calls for this template; LorakitError for what cannot be
+    honoured."""
     listed = checked_tools(tools, "the request")
     named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if choice not in (None, "auto", "none", "required") and not isinstance(named, str):
@@ -208,4 +215,4 @@ def tool_use(tokenizer, style: Style, tools, choice) -> ToolUse:
     if named is not None and named not in names:
         raise LorakitError(f"tool_choice: {named!r} is not among the request's tools ({', '.join(sorted(names))})")
     prefix = format.forced(named) if named is not None or choice == "required" else ""
-    return ToolUse(listed, listed, format, frozenset([named] if named else names), prefix)
+    return ToolUse(listed, listed, format, frozenset([named] if named else names), prefix, parallel is False)
