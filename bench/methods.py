@@ -27,7 +27,10 @@ from common import (
 )
 
 METHODS = {"lora": ["method=lora"], "qlora-4bit": ["method=qlora", "quant.bits=4"],
-           "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"]}
+           "qlora-8bit": ["method=qlora", "quant.bits=8"], "full": ["method=full"],
+           # the LoRA variants (issue 23): python bench/methods.py --methods lora,dora,rslora,loraplus
+           "dora": ["method=lora", "lora.use_dora=true"], "rslora": ["method=lora", "lora.use_rslora=true"],
+           "loraplus": ["method=lora", "train.loraplus_lr_ratio=16"], "pissa": ["method=lora", "lora.init=pissa_niter_4"]}
 
 
 def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="lora,qlora-4bit,qlora-8bit,full")
     parser.add_argument("--one")
     args = parser.parse_args()
     if args.one:

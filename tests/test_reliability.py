@@ -96,8 +96,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
     calls = {"n": 0}
 
-    def blows_up_at_step_15(model, recipe, quantized):  # a numeric blow-up, as bad data or a bad lr make one
-        model = real(model, recipe, quantized)
+    def blows_up_at_step_15(model, recipe, quantized, *rest):  # a numeric blow-up, as bad data or a bad lr make one
+        model = real(model, recipe, quantized, *rest)
 
         def hook(module, args, output):
             calls["n"] += 1

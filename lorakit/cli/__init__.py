@@ -77,6 +77,8 @@ def main(ctx, debug):
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer call
+        # peft's advice to convert a PiSSA/OLoRA adapter: lorakit converts it as it writes it (weights/variants.py)
+        warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()

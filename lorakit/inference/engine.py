@@ -69,12 +69,25 @@ class Engine:
                     self.stats["cancelled"] += 1
             if not live:
                 continue
-            try:
-                self._generate(live)
-            except Exception as exc:  # noqa: BLE001  (each waiting request gets the error, the thread lives on)
-                for r in live:
-                    if not r.done.done():
-                        r.done.set_exception(exc)
+            for group in self._groups(live):
+                try:
+                    self._generate(group)
+                except Exception as exc:  # noqa: BLE001  (each waiting request gets the error, the thread lives on)
+                    for r in group:
+                        if not r.done.done():
+                            r.done.set_exception(exc)
+
+    def _groups(self, batch: list[Request]) -> list[list[Request]]:
+        """The batch as forward passes can run it: together, except the rows of an adapter peft cannot mix
+        with others (DoRA), which run as a batch of their own."""
+        from ..weights.variants import alone_in_a_batch
+
+        alone = alone_in_a_batch(self.model)
+        if not alone or len({r.adapter for r in batch}) == 1:
+            return [batch]
+        apart = {name: [r for r in batch if r.adapter == name] for name in alone}
+        rest = [r for r in batch if r.adapter not in alone]
+        return [group for group in [rest, *apart.values()] if group]
 
     def _generate(self, batch: list[Request]) -> None:
         self.stats["batches"] += 1

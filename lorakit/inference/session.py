@@ -26,6 +26,7 @@ from ..weights.folders import (
     trained_quantization,
 )
 from ..weights.loading import fingerprint, load_model, load_tokenizer
+from ..weights.variants import let_token_rows_mix
 
 BASE = "base"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -70,6 +71,7 @@ class Session:
             check_base(path, self.manifests[name], base_fingerprint, self.base_name, force)
             self.entries[name] = f"e{index}"
             self.model = flatten_into(self.model, adapter_chain(path), self.entries[name])
+        let_token_rows_mix(self.model)
         self.model.eval()
         self.current: str | None = next(iter(self.entries), None)
         if self.current:

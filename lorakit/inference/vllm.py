@@ -282,8 +282,12 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
 
 def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port: int, *, vllm: str | None,
                     engine_options: tuple[str, ...], max_body: int, force: bool) -> None:
+    from ..weights.folders import adapter_chain
+    from ..weights.variants import VLLM, refuse
     from .serve import serve
 
+    for path in entries.values():  # what vLLM cannot apply, named before vLLM is looked for or anything flattened
+        refuse(adapter_chain(path), VLLM)
     launcher = find_vllm(vllm)
     cache = cache_home() / "flattened"
     cache.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,13 @@
 command line's overrides (loading.py)."""
 
 from .loading import ALIASES, SECTIONS, RecipeKeyError, load_recipe
+from .lora import OUTSIDE_THE_BLOCKS, LoraSettings
 from .settings import (
-    OUTSIDE_THE_BLOCKS,
     PREFERENCE_LOSSES,
     REPORTS,
     STAGES,
     DataSettings,
     DataSource,
-    LoraSettings,
     PrefSettings,
     QuantSettings,
     Recipe,

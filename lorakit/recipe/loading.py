@@ -110,6 +110,11 @@ ALIASES = {
     "cpo_alpha": "pref.sft_weight", "simpo_gamma": "pref.simpo_gamma", "precompute_ref_log_probs": "pref.reference",
     "kto_desirable_weight": "pref.desirable_weight", "kto_undesirable_weight": "pref.undesirable_weight",
     "dpo_label_smoothing": "pref.label_smoothing",
+    "use_dora": "lora.use_dora", "dora": "lora.use_dora", "use_rslora": "lora.use_rslora", "rslora": "lora.use_rslora",
+    "init_lora_weights": "lora.init", "pissa_init": "lora.init: pissa", "init": "lora.init",
+    "loraplus_lr_ratio": "train.loraplus_lr_ratio", "trainable_token_indices": "lora.trainable_tokens",
+    "additional_target": "lora.trainable_tokens (for tokens) or method: full", "modules_to_save":
+    "lora.trainable_tokens (for tokens) or method: full", "lora_modules_to_save": "lora.trainable_tokens (for tokens) or method: full",
 }
 
 

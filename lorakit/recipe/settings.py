@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import LorakitError
+from .lora import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -201,40 +202,6 @@ class PrefSettings:
                 raise LorakitError(f"pref.{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise LorakitError(f"pref.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-# The output head is applied by lorakit's chunked loss and the embeddings are tied to it in small Qwen2
-# models; a LoRA on either would be skipped by that loss or break the tie.
-OUTSIDE_THE_BLOCKS = ("lm_head", "embed_tokens")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    """Rank of each LoRA update."""
-    alpha: int = 32
-    """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input during training. Off by default: each module would keep a dropped-out
-    copy of its input for the backward pass (gigabytes at 1024-token batches) for little gain on the
-    few epochs of a fine-tune."""
-    target: str | list[str] = "all-linear"
-    """Modules to adapt: "all-linear" (every linear layer of the blocks, not the output head) or a
-    list of module names such as [q_proj, v_proj]."""
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise LorakitError(f"lora.r must be a positive integer, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.target, list):
-            if not self.target:
-                raise LorakitError("lora.target must name at least one module, or be all-linear")
-            outside = [name for name in self.target if name in OUTSIDE_THE_BLOCKS]
-            if outside:
-                raise LorakitError(f"lora.target {outside[0]}: only the linear layers inside the blocks can be "
-                                   f"adapted (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); "
-                                   f"the embeddings and output head train only with method: full")
-
-
 @dataclass(frozen=True)
 class QuantSettings:
     bits: Literal[4, 8] = 4
@@ -269,6 +236,9 @@ class TrainSettings:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
+    loraplus_lr_ratio: float = 0
+    """LoRA+ (peft's optimizer): the B matrices (and DoRA's magnitudes) learn this many times faster than
+    the A matrices, which keep train.lr; the paper suggests 16 with a somewhat lower lr. 0: off (one lr)."""
     seed: int = 42
     """Seeds weights of new adapters, dropout and data order."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -316,6 +286,12 @@ class TrainSettings:
         if unknown or not reports:
             raise LorakitError(f"train.report_to {unknown[0] if unknown else reports!r}: expected one or more of "
                                f"{', '.join(REPORTS)}")
+        if self.loraplus_lr_ratio and self.loraplus_lr_ratio < 1:
+            raise LorakitError(f"train.loraplus_lr_ratio must be at least 1 (B learns faster than A), or 0 for off; "
+                               f"got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio and self.strategy != "ddp":
+            raise LorakitError(f"train.loraplus_lr_ratio with strategy {self.strategy}: LoRA+ is built for one "
+                               f"process or ddp here; the sharded engines build their own optimizer")
         for name in ("save_steps", "eval_steps", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise LorakitError(f"train.{name} must not be negative, got {getattr(self, name)}")
@@ -368,6 +344,10 @@ class Recipe:
                                    f"rejected, completion, label); rename them in the data")
             if self.data.streaming:
                 raise LorakitError(f"data.streaming: the {self.stage} stage needs its data prepared (turn streaming off)")
+        if self.method == "full" and (self.lora.variants or self.train.loraplus_lr_ratio):
+            switched = self.lora.variants + (["LoRA+"] if self.train.loraplus_lr_ratio else [])
+            raise LorakitError(f"{', '.join(switched)}: LoRA variants apply to method lora and qlora; method: full "
+                               f"trains every weight")
         if self.output and ".." in Path(self.output).parts:
             raise LorakitError(f"output {self.output!r} must not climb out of its folder with '..'")
 

@@ -3,7 +3,7 @@ data), where it runs, and where it resumes from. Built by run.py, read by the tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Job:
     run_id: str = ""
     reference_model: Any = None
     """Preference stages with method full: the frozen copy the policy is compared with."""
+    trainable_token_ids: list[int] = field(default_factory=list)
+    """lora.trainable_tokens as ids of the tokenizer's vocabulary."""
 
     @property
     def out(self) -> Path:

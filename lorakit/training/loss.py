@@ -125,6 +125,13 @@ def output_head(model) -> nn.Module:
     return _owner(model).lm_head
 
 
+def bias_of(head: nn.Module) -> torch.Tensor | None:
+    """The head's bias. peft's trainable-tokens wrapper (lora.trainable_tokens on a tied head) passes on only
+    `weight`, with the trained rows in it; its bias is the wrapped layer's."""
+    inner = getattr(head, "original_module", head)
+    return getattr(inner, "bias", None)
+
+
 def make_loss(head: nn.Module):
     """A Trainer `compute_loss_func` for a model whose `head` is swapped out by `install` during forward."""
 
@@ -133,7 +140,7 @@ def make_loss(head: nn.Module):
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != IGNORE
         hidden, targets = hidden[keep], targets[keep]
-        total = _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets)
+        total = _LinearCrossEntropy.apply(hidden, head.weight, bias_of(head), targets)
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 

@@ -23,6 +23,9 @@ ACTIVATION_PER_TOKEN_LAYER = {"hidden": 16.0, "intermediate": 5.0}  # elements s
 # bitsandbytes' 4/8-bit matmuls keep more per token for the backward pass, and its dequantization
 # needs workspace: fitted to the QLoRA runs of bench/plan_check.py (1.57x the activations, +0.33 GiB).
 QLORA_ACTIVATION_FACTOR, QLORA_WORKSPACE = 1.57, 0.33 * GIB
+# DoRA keeps each adapted layer's base output and its update's for the magnitudes' backward: fitted to the measured
+# pair in bench/RESULTS.md (LoRA 3.13 GiB, DoRA 4.29 GiB at 512 tokens on the Qwen2-0.5B shape; the plan: 3.05, 4.20).
+DORA_ACTIVATION_FACTOR = 2.3
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,20 @@ class Shape:
                 + self.hidden)
 
 
-def lora_params(shape: Shape, r: int, target) -> int:
+def lora_params(shape: Shape, r: int, target, dora: bool = False, token_rows: int = 0) -> int:
+    """Trainable parameters of a LoRA adapter: A and B of each adapted layer, DoRA's magnitude (one per output
+    row), and one embedding row per trainable token."""
     names = shape.linears() if target == "all-linear" else {n: shape.linears()[n] for n in target
                                                             if n in shape.linears()}
-    return shape.layers * sum(r * (i + o) for i, o in names.values())
+    return shape.layers * sum(r * (i + o) + (o if dora else 0) for i, o in names.values()) + token_rows * shape.hidden
 
 
 def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: torch.dtype, device: str,
-             batch: int, seq: int, checkpointing: bool, reference: bool = False) -> dict[str, float]:
+             batch: int, seq: int, checkpointing: bool, reference: bool = False, dora: bool = False,
+             token_rows: int = 0) -> dict[str, float]:
     """Bytes of each part of the peak; `reference`: a frozen copy of the model in the compute dtype (a preference
-    stage's reference with method full)."""
+    stage's reference with method full); `dora`: DoRA's magnitudes and what its second pass keeps; `token_rows`:
+    the number of trainable tokens."""
     width = torch.finfo(dtype).bits // 8
     other = shape.params - shape.block_linear_params
     if method == "qlora":  # linear weights in 4/8 bits (+ scales); the rest in fp32 after k-bit preparation
@@ -83,7 +90,7 @@ def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: tor
         weights = shape.params * (4 + (width if width < 4 else 0))
     else:
         weights = shape.params * width
-    trainable = shape.params if method == "full" else lora_params(shape, r, target)
+    trainable = shape.params if method == "full" else lora_params(shape, r, target, dora, token_rows)
     tokens = batch * seq
     # Packed fused attention keeps no seq x seq score matrices; what is kept grows with the tokens.
     per_layer = tokens * (ACTIVATION_PER_TOKEN_LAYER["hidden"] * shape.hidden
@@ -93,7 +100,13 @@ def estimate(shape: Shape, *, method: str, bits: int, r: int, target, dtype: tor
     if method == "qlora":
         activations, checkpointed = activations * QLORA_ACTIVATION_FACTOR, checkpointed * QLORA_ACTIVATION_FACTOR
         weights += QLORA_WORKSPACE
+    if dora:  # each adapted layer keeps its base output and its update's for the magnitudes' backward
+        activations, checkpointed = activations * DORA_ACTIVATION_FACTOR, checkpointed * DORA_ACTIVATION_FACTOR
     logits = min(tokens, CHUNK_TOKENS) * shape.vocab * (4 + 4 + width)  # chunk logits and softmax in fp32, grad
+    if token_rows and method != "full":
+        # peft rebuilds the embedding matrix with the trained rows every step, and the chunked loss keeps the
+        # head's gradient (the tied head is that matrix): two vocabulary-sized matrices in the compute dtype
+        logits += 2 * shape.vocab * shape.hidden * width
     return {
         "runtime": RUNTIME_BYTES["cuda" if device.startswith("cuda") else "cpu"],
         "weights": weights,
@@ -131,7 +144,8 @@ def _settings(recipe: Recipe, device: str) -> dict:
 
     copy = recipe.method == "full" and stage_of(recipe.stage).reference and recipe.pref.reference == "live"
     return {"method": recipe.method, "bits": recipe.quant.bits, "r": recipe.lora.r, "target": recipe.lora.target,
-            "dtype": resolve_dtype(recipe.train.dtype, device), "device": device, "reference": copy}
+            "dtype": resolve_dtype(recipe.train.dtype, device), "device": device, "reference": copy,
+            "dora": recipe.lora.use_dora, "token_rows": len(recipe.lora.trainable_tokens)}
 
 
 def plan(recipe: Recipe, budget: float | None = None, device: str | None = None) -> dict:

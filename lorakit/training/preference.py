@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..data.blocks import IGNORE
 from ..stages import Sequences, Stage
-from .loss import CHUNK_TOKENS, install, output_head, remove, through_head
+from .loss import CHUNK_TOKENS, bias_of, install, output_head, remove, through_head
 
 EXTRA = ("segment", "sides", "reference")
 """Batch keys that are not the model's inputs (data.blocks.Collator)."""
@@ -66,7 +66,7 @@ def answer_logps(model, inputs: dict, head=None) -> tuple[torch.Tensor, torch.Te
     keep = targets != IGNORE
     states, targets = outputs.logits[:, :-1][keep], targets[keep]
     if head is not None:
-        token = _LinearLogProbs.apply(states, head.weight, head.bias, targets)
+        token = _LinearLogProbs.apply(states, head.weight, bias_of(head), targets)
     else:
         token = states.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     sequence, count = inputs["segment"][:, 1:][keep], inputs["sides"].numel()

@@ -44,9 +44,17 @@ from ..weights.loading import (
     set_stop_tokens,
     unwrap_peft,
 )
-from ..weights.manifest import Manifest, Parent, Quantization
+from ..weights.manifest import Manifest, Parent
 from ..weights.outputs import check_disk, check_output, publish, remove_folder, staging
-from ..weights.quant import quantization_of
+from ..weights.quant import quantization_for
+from ..weights.variants import check_recipe as check_variants
+from ..weights.variants import (
+    described,
+    give_every_layer_the_cast_switch,
+    save_initial,
+    save_options,
+    token_ids,
+)
 from ..weights.verify import logits as probe_logits
 from ..weights.verify import probe_ids, require_same_logits
 from .attention import restore as restore_attention
@@ -111,6 +119,8 @@ def _check_inputs(recipe: Recipe) -> str:
             raise LorakitError("method: qlora cannot build on a parent adapter yet (merging it into a quantized "
                                "base would re-quantize it); merge the parent into a model folder first "
                                "(lorakit merge --adapter PARENT -o FOLDER) and set `model: FOLDER`")
+    if recipe.method != "full":
+        check_variants(recipe, stage_of(recipe.stage).reference)
     model_name = recipe.model or base_of(recipe.parent)
     check_causal_lm(model_name, recipe.trust_remote_code)
     return model_name
@@ -129,12 +139,14 @@ def _job(recipe: Recipe, options: RunOptions, model_name: str) -> Job:
     the compute dtype and the quantization."""
     tokenizer = load_tokenizer(model_name, recipe.trust_remote_code)
     _check_family(recipe, model_name, tokenizer)
+    trainable_ids = token_ids(tokenizer, recipe.lora.trainable_tokens)
     data = prepare(recipe, tokenizer)
     _describe_data(recipe, data)
     device = local_device(resolve_device(recipe.train.device))
     dtype = resolve_dtype(recipe.train.dtype, device)
     _warn_if_too_big(recipe, device)
-    return Job(recipe, options, model_name, tokenizer, data, device, dtype, _quantization(recipe, dtype))
+    return Job(recipe, options, model_name, tokenizer, data, device, dtype, quantization_for(recipe, dtype),
+               trainable_token_ids=trainable_ids)
 
 
 def _check_family(recipe: Recipe, model_name: str, tokenizer) -> None:
@@ -214,7 +226,9 @@ def _build_model(job: Job):
     attention = use_packed_attention(for_training(model))
     if recipe.method == "full" and stage_of(recipe.stage).reference and recipe.pref.reference == "live":
         job.reference_model = reference_copy(model, job.dtype)
-    model = make_trainable(model, recipe, job.quantization is not None)
+    model = make_trainable(model, recipe, job.quantization is not None, job.trainable_token_ids)
+    if recipe.method != "full" and recipe.lora.rewrites_base and is_main():
+        save_initial(model, job.run_folder)  # what the adapter is converted against when written
     trainable, total = count_parameters(model)
     precision = job.quantization.describe() if job.quantization else "full precision"
     say(f"{recipe.method} on {job.model_name} ({precision}) on {job.device}, compute "
@@ -240,6 +254,7 @@ def _train(job: Job, model) -> dict:
         # Under autocast, peft would first copy each LoRA input to fp32 (its weights' dtype) and keep the
         # copy for the backward pass: 8 of the 16 GB peak measured on the Qwen2-0.5B shape.
         half = job.dtype != torch.float32 and job.recipe.method != "full"
+        give_every_layer_the_cast_switch(model)
         with stop_on_signals(stop), disable_input_dtype_casting(model, active=half):
             trainer.train(resume_from_checkpoint=str(job.checkpoint) if job.checkpoint else None)
     except NonFiniteLoss as exc:
@@ -291,7 +306,9 @@ def _publish(job: Job, model, manifest: Manifest, summary: dict) -> Path:
         probe = probe_ids(job.data.rows)
         expected = probe_logits(model, probe)
         write_adapter(folder, job.out, model, job.tokenizer, dataclasses.replace(recipe, model=manifest.base_model),
-                      manifest)
+                      manifest, save_options(recipe, job.run_folder))
+        if recipe.method != "full":
+            manifest.lora = described(recipe.lora, folder)
         shutil.copy(job.run_folder / "metrics.jsonl", folder / "metrics.jsonl")
         if (job.run_folder / "runs").is_dir():  # TensorBoard's event files (train.report_to)
             shutil.copytree(job.run_folder / "runs", folder / "runs")
@@ -334,15 +351,6 @@ def _check_reload(job: Job, folder: Path, probe, expected) -> dict:
     return report
 
 
-def _quantization(recipe: Recipe, dtype: torch.dtype) -> Quantization | None:
-    if recipe.method != "qlora":
-        return None
-    quantization = quantization_of(recipe.quant, dtype)
-    if recipe.train.strategy == "fsdp" and recipe.quant.bits == 4:  # FSDP shards 4-bit weights stored in the dtype
-        quantization = dataclasses.replace(quantization, storage=quantization.compute_dtype)
-    return quantization
-
-
 def _describe_data(recipe: Recipe, data: Prepared) -> None:
     s = data.stats
     if s["rows"] is not None:  # a stream's size is known only once it has been read
@@ -380,8 +388,6 @@ def _manifest(job: Job, base_fingerprint: str, summary: dict) -> Manifest:
         parent=parent, system_prompt=job.data.system_prompt,
         reasoning=recipe.data.reasoning if stage_of(recipe.stage).chat and reasoning_block(job.tokenizer) else None,
         data={"path": recipe.data.path, "hash": job.data.data_hash, **job.data.stats},
-        lora=None if recipe.method == "full" else {"r": recipe.lora.r, "alpha": recipe.lora.alpha,
-                                                   "target": recipe.lora.target},
         quantization=job.quantization, metrics=summary, run_id=job.run_id,
         trained_on={"device": job.device, "dtype": str(job.dtype).removeprefix("torch.")},
         versions={"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

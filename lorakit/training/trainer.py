@@ -21,10 +21,24 @@ class _Trainer(Trainer):
     """Evaluation batches get a collator of their own, so the count of trained tokens stays exact; a preference
     stage's loss is its own (preference.PreferenceStep), with its metrics logged beside the loss."""
 
-    def __init__(self, *args, eval_collator=None, preference: PreferenceStep | None = None, **kwargs):
+    def __init__(self, *args, eval_collator=None, preference: PreferenceStep | None = None,
+                 loraplus_lr_ratio: float = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.preference = preference
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def create_optimizer(self, model=None):
+        """train.loraplus_lr_ratio: peft's LoRA+ optimizer (B and DoRA magnitudes at lr x ratio), built from the
+        optimizer the arguments name (AdamW, its betas and eps), as the Trainer would build its own."""
+        if self.loraplus_lr_ratio and self.optimizer is None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = create_loraplus_optimizer(self.model if model is None else model, optimizer_cls,
+                                                       loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """With the chunked loss, the output head steps aside for the forward pass only, so that
@@ -120,7 +134,8 @@ def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, Progress
     trainer = _Trainer(model=model, args=args, train_dataset=_dataset(rows), preference=preference,
                        compute_loss_func=make_loss(output_head(model)) if chunked and not preference else None,
                        eval_dataset=_dataset(eval_rows) if eval_rows else None,
-                       data_collator=collator, eval_collator=Collator(job.tokenizer.pad_token_id), callbacks=[progress])
+                       data_collator=collator, eval_collator=Collator(job.tokenizer.pad_token_id), callbacks=[progress],
+                       loraplus_lr_ratio=t.loraplus_lr_ratio)
     trainer.remove_callback(PrinterCallback)  # our bar and metrics.jsonl replace its raw dict prints
     check_engine(trainer, t.strategy)
     return trainer, progress

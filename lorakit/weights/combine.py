@@ -21,6 +21,7 @@ from .folders import (
 from .loading import load_model, load_tokenizer
 from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging
+from .variants import scale, variants_of, with_unit_scale
 from .verify import logits, require_same_logits, text_probe
 
 # cat is exact: the new adapter's update is the weighted sum of the inputs' updates (rank = sum of ranks).
@@ -48,11 +49,16 @@ def refuse_if_wrong(adapters: list[str], manifests: list[Manifest], weights: lis
     if len({m.quantization for m in manifests}) > 1:
         raise LorakitError("the adapters were trained on differently quantized bases; combine like with like")
     configs = _configs(adapters)
+    for adapter, config in zip(adapters, configs):
+        held = [v for v in variants_of(config) if v != "rsLoRA"]
+        if held:
+            raise LorakitError(f"{adapter}: a {held[0]} adapter cannot be combined: peft's combinations mix only "
+                               f"LoRA matrices; merge it (lorakit export) instead")
     ranks = {c["r"] for c in configs}
     if combination in ("linear", "ties") and len(ranks) > 1:
         raise LorakitError(f"--combination {combination} needs equal ranks (got {sorted(ranks)}): it mixes the "
                            f"A and B matrices entry by entry; use --combination cat (exact) or svd")
-    scales = {c["lora_alpha"] / c["r"] for c in configs}
+    scales = {round(scale(c), 9) for c in configs}
     if combination == "linear" and len(scales) > 1:
         raise LorakitError(f"--combination linear with different alpha/r scalings {sorted(scales)} would weight "
                            f"the adapters other than asked; use --combination cat (exact)")
@@ -73,6 +79,7 @@ def combine(adapters: list[str], weights: list[float], out: Path, *, combination
         model = apply_adapter(model, adapter, merge=False, name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
     exact = _exact_mix_logits(model, names, weights, tokenizer)
+    with_unit_scale(model, names[0])
     model.add_weighted_adapter(names, weights, "default", combination_type=combination,
                                **({"density": density} if combination == "ties" else {}))
     model.set_adapter("default")

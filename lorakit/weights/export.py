@@ -18,6 +18,7 @@ from ..log import say
 from ..stages import stage as stage_of
 from .folders import (
     SHARD_SIZE,
+    adapter_chain,
     inputs_of,
     is_full_model,
     load_for_inference,
@@ -27,6 +28,7 @@ from .folders import (
 from .loading import DTYPES, release_memory, set_stop_tokens
 from .manifest import Manifest, Quantization
 from .outputs import check_disk, check_output, output_path, publish, staging
+from .variants import GGUF_ADAPTER, refuse
 from .verify import logits, require_same_logits, text_probe
 
 
@@ -231,6 +233,7 @@ def export_gguf_adapter(source: str, out: Path, settings: ExportSettings, base_g
 
     out = output_path(out)
     check_output(out, overwrite=settings.overwrite, inputs=inputs_of([source], settings.model))
+    refuse(adapter_chain(source), GGUF_ADAPTER)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = settings.model or base_of(source)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.flattening-") as work:

@@ -3,7 +3,7 @@ peft LoRA adapter on the original base, which serving engines (vLLM, llama.cpp) 
 
 Exact, not approximate: the child was trained on W + dW_parent, so the chain's model is
 W + dW_parent + dW_child, and a LoRA whose ranks are the chain's concatenated (A stacked, B side by
-side, each adapter's alpha/r folded into its A, alpha = r) is that sum. peft's add_weighted_adapter
+side, each adapter's scale (alpha/r, rsLoRA's alpha/sqrt(r)) folded into its A, alpha = r) is that sum. peft's add_weighted_adapter
 with combination_type "cat" builds exactly this; lorakit only checks the result.
 """
 
@@ -30,6 +30,7 @@ from .folders import (
 from .loading import fingerprint, load_model, load_tokenizer
 from .manifest import Manifest
 from .outputs import check_output, output_path, publish, staging
+from .variants import FLATTENED, refuse, with_unit_scale
 from .verify import logits, require_same_logits, text_probe
 
 FLAT = "flat"
@@ -41,9 +42,11 @@ def flatten_into(model, chain: list[Path], name: str = FLAT):
     one is loaded as it is."""
     if len(chain) == 1:
         return apply_adapter(model, chain[0], merge=False, name=name)
+    refuse(chain, FLATTENED)
     parts = [f"{name}__part{i}" for i in range(len(chain))]
     for part, folder in zip(parts, chain):
         model = apply_adapter(model, folder, merge=False, name=part)
+    with_unit_scale(model, parts[0])
     model.add_weighted_adapter(parts, [1.0] * len(parts), name, combination_type="cat")
     model.set_adapter(name)
     for part in parts:

@@ -78,10 +78,12 @@ def record_base(folder: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_adapter(staging: Path, out: Path, model, tokenizer, recipe: Recipe, manifest: Manifest) -> None:
+def write_adapter(staging: Path, out: Path, model, tokenizer, recipe: Recipe, manifest: Manifest,
+                  save_options: dict | None = None) -> None:
     """Write peft weights (or a full model), tokenizer, resolved recipe, (if any) the parent copy, and the
-    manifest, which the reload check reads; it is written again last, complete."""
-    model.save_pretrained(staging, max_shard_size=SHARD_SIZE)
+    manifest, which the reload check reads; it is written again last, complete. `save_options`: peft's, for
+    an adapter converted as it is written (variants.save_options)."""
+    model.save_pretrained(staging, max_shard_size=SHARD_SIZE, **(save_options or {}))
     record_base(staging)
     tokenizer.save_pretrained(staging)
     (staging / "recipe.yaml").write_text(

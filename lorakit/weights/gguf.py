@@ -25,6 +25,7 @@ from ..families import FAMILIES, Family, family_of, rope_of
 from ..log import say
 from .gguf_vocab import write_vocabulary
 from .modelfile import modelfile, parse_modelfile  # noqa: F401  (this module's API too)
+from .variants import scale
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ELSEWHERE = ("q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs")
@@ -135,7 +136,8 @@ def write_adapter(folder: Path, base_config: dict, out: Path) -> dict:
     writer = gguf.GGUFWriter(str(out), family.gguf_arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter["lora_alpha"]))
+    # llama.cpp scales by alpha / r; rsLoRA's alpha / sqrt(r) is carried as the alpha that gives it
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scale(adapter) * adapter["r"])
     names = gguf.TensorNameMap(_arch(gguf, family), base_config["num_hidden_layers"])
     weights = load_file(str(folder / "adapter_model.safetensors"))
     sources: dict[str, tuple] = {}
@@ -151,7 +153,7 @@ def write_adapter(folder: Path, base_config: dict, out: Path) -> dict:
         writer.add_tensor(target + part, (convert(tensor.float()) if convert else tensor.float()).numpy())
         sources[target + part] = (folder / "adapter_model.safetensors", key, convert)
     _write(writer)
-    return {"tensors": len(sources), "rank": adapter["r"], "alpha": adapter["lora_alpha"],
+    return {"tensors": len(sources), "rank": adapter["r"], "alpha": scale(adapter) * adapter["r"],
             "size_bytes": out.stat().st_size, "sources": sources, "quant": "f32"}
 
 

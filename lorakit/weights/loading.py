@@ -160,8 +160,9 @@ def fingerprint(config, tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def make_trainable(model, recipe: Recipe, quantized: bool):
-    """full: every weight trains. lora/qlora: a fresh LoRA adapter on a frozen (maybe quantized) base."""
+def make_trainable(model, recipe: Recipe, quantized: bool, token_ids: list[int] = ()):
+    """full: every weight trains. lora/qlora: a fresh LoRA adapter (with the recipe's variants: weights/variants.py)
+    on a frozen (maybe quantized) base; `token_ids`: lora.trainable_tokens as ids."""
     if recipe.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -171,18 +172,18 @@ def make_trainable(model, recipe: Recipe, quantized: bool):
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
-    return attach_lora(model, recipe.lora, recipe.train.seed)
+    return attach_lora(model, recipe.lora, recipe.train.seed, list(token_ids))
 
 
-def attach_lora(model, settings, seed: int):
+def attach_lora(model, settings, seed: int, token_ids: list[int] = ()):
     """Wrap `model` in a fresh trainable LoRA adapter (peft)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from .variants import lora_config
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(settings, list(token_ids)))
     except ValueError as exc:
         raise LorakitError(f"lora.target {settings.target!r}: {first_line(exc)}") from None
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import LorakitError
-from ..recipe import QuantSettings
+from ..recipe import QuantSettings, Recipe
 from .manifest import Quantization
 
 
@@ -41,6 +43,16 @@ def quantization_of(settings: QuantSettings, compute_dtype: torch.dtype) -> Quan
     return Quantization(bits=settings.bits, type=settings.type if settings.bits == 4 else "int8",
                         double_quant=settings.double_quant if settings.bits == 4 else False,
                         compute_dtype=str(compute_dtype).removeprefix("torch."))
+
+
+def quantization_for(recipe: Recipe, dtype: torch.dtype) -> Quantization | None:
+    """What a run's base is quantized as (None unless method: qlora)."""
+    if recipe.method != "qlora":
+        return None
+    quantization = quantization_of(recipe.quant, dtype)
+    if recipe.train.strategy == "fsdp" and recipe.quant.bits == 4:  # FSDP shards 4-bit weights stored in the dtype
+        quantization = dataclasses.replace(quantization, storage=quantization.compute_dtype)
+    return quantization
 
 
 def keep_4bit_layout(model) -> None:
