@@ -113,6 +113,11 @@ def lorakit(*args, expect: int = 0):
     return result
 
 
+def said(stderr: str) -> list[str]:
+    """What a command said on stderr, less `train`'s note on a busy machine (another job sharing the cores)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("other processes are using")]
+
+
 def load_metrics(adapter: Path) -> list[dict]:
     return [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
 

@@ -18,7 +18,7 @@ from lorakit.inference import serve as serving
 
 @pytest.fixture
 def models_app():
-    with _running(serving.base_app(["base"], serving.MAX_BODY)) as url:
+    with _running(serving.base_app(lambda: ["base"], serving.MAX_BODY)) as url:
         yield int(url.rsplit(":", 1)[1])
 
 
@@ -41,7 +41,7 @@ def test_a_loopback_server_answers_only_requests_addressed_to_loopback(models_ap
 
 def test_a_socket_that_never_finishes_its_headers_is_closed(monkeypatch):
     monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 1.0)
-    with _running(serving.base_app(["base"], serving.MAX_BODY)) as url:
+    with _running(serving.base_app(lambda: ["base"], serving.MAX_BODY)) as url:
         port = int(url.rsplit(":", 1)[1])
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127")
@@ -103,3 +103,34 @@ def test_a_message_that_spells_chat_markers_stays_the_users_text(bare):
     assert evil in tokenizer.decode(ids)
     honest, _ = chat_prompt(tokenizer, [{"role": "user", "content": "hi"}], "Be brief.")
     assert ids[:len(honest) - 5] == honest[:len(honest) - 5]  # the template's own tokens are unchanged
+
+
+def test_with_an_api_key_every_endpoint_but_the_page_wants_it(monkeypatch):
+    with _running(serving.base_app(lambda: ["base"], serving.MAX_BODY, api_key="s3cret")) as url:
+        def get(path, key=None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            request = urllib.request.Request(f"{url}{path}", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        for key in (None, "wrong", "s3cre"):
+            status, text = get("/v1/models", key)
+            assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+        assert get("/v1/models", "s3cret")[0] == 200
+        status, page = get("/")
+        assert status == 200 and "needs its API key" in page  # the page loads, then asks for the key
+        status, text = _post(f"{url}/v1/chat/completions", {"model": "base", "messages": []})
+        assert status == 401  # refused before the body is read
+
+
+def test_binding_beyond_loopback_without_a_key_says_who_can_use_the_model(monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    guards.serve(serving.base_app(lambda: ["base"], serving.MAX_BODY), "0.0.0.0", 0)
+    assert "without an API key: anyone who can reach this address can use the model" in capsys.readouterr().err
+    guards.serve(serving.base_app(lambda: ["base"], serving.MAX_BODY, api_key="k"), "0.0.0.0", 0, keyed=True)
+    assert "API key" not in capsys.readouterr().err

@@ -124,3 +124,37 @@ def test_plan_shows_what_dora_and_trainable_tokens_cost_on_the_qwen2_shape():
 @pytest.fixture
 def tokenizer_ids():
     return [3, 5]
+
+
+@pytest.mark.parametrize("config, answers", [
+    ({}, {"vllm": "yes", "llama.cpp": "yes", "ollama": "yes", "peft": "yes"}),
+    ({"use_rslora": True}, {"vllm": "yes", "llama.cpp": "yes", "ollama": "yes", "peft": "yes"}),
+    ({"use_dora": True}, {"vllm": "no: {a}: a DoRA adapter cannot go to vLLM", "llama.cpp": "no: {a}: a DoRA adapter "
+                          "cannot go to llama.cpp's GGUF adapter", "ollama": "no: {a}: a DoRA", "peft": "yes"}),
+    ({"trainable_token_indices": [3]}, {"vllm": "no: {a}: a trainable tokens adapter cannot go to vLLM",
+                                        "peft": "yes"}),
+    ({"r": 600}, {"vllm": "no: {a}: rank 600 is above the server's --max-lora-rank 512", "llama.cpp": "yes"}),
+])
+def test_check_says_which_engine_can_apply_an_adapter_and_why_not(work, config, answers):
+    adapter = _adapter(work / "a", **config)
+    args = [arg for engine in answers for arg in ("--for", engine)]
+    refused = any(a.startswith("no") for a in answers.values())
+    result = lorakit("check", adapter, *args, expect=1 if refused else 0)
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    for engine, answer in answers.items():
+        assert f"{engine}: {lines[engine]}".startswith(f"{engine}: {answer.format(a=adapter)}"), result.stdout
+
+
+def test_check_takes_the_servers_rank_limit(work):
+    adapter = _adapter(work / "a", r=128)
+    assert "above the server's --max-lora-rank 64" in lorakit("check", adapter, "--for", "vllm", "--max-lora-rank",
+                                                              "64", expect=1).stdout
+
+
+def test_a_recipe_meant_for_vllm_warns_before_training_a_dora_adapter(work, chats, tiny_instruct):
+    recipe = write_recipe(work / "r.yaml", RECIPE.format(model=tiny_instruct, data=chats))
+    result = lorakit("train", recipe, "serve_with=[vllm]", "lora.use_dora=true", "lora.init=pissa", "method=qlora",
+                     expect=1)  # refused for the qlora + pissa pair, after the warning: nothing trained
+    assert "warning: serve_with vllm: this recipe trains a DoRA adapter, and vLLM cannot apply it" in result.stderr
+    bad = lorakit("train", recipe, "serve_with=[tgi]", expect=1)
+    assert "serve_with 'tgi': expected some of vllm, llama.cpp, ollama, peft" in bad.stderr

@@ -176,3 +176,26 @@ def test_a_vllm_that_cannot_start_is_one_line_naming_its_root_cause(adapters):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("error: vLLM exited"), done.stderr[-3000:]
     assert "ValueError: " in last and "gpu-memory-utilization" in last and "See root cause above" not in last
+
+
+def test_adapters_come_and_go_on_vllm_through_lorakits_front(engines, adapters):
+    from test_live_adapters import _call, _models
+
+    vllm, _ = engines
+    _, found = adapters
+    status, text = _call(vllm, "/v1/load_lora_adapter", {"lora_name": "violet-live", "lora_path": str(found["violet"])})
+    assert (status, text) == (200, "Success: LoRA adapter 'violet-live' added successfully."), text  # vLLM's answer
+    assert "violet-live" in _models(vllm) and _chat(vllm, "violet-live") == ANSWERS["violet"]
+    assert _call(vllm, "/v1/load_lora_adapter", {"lora_name": "chain-live", "lora_path": str(found["chain"])})[0] == 200
+    assert _chat(vllm, "chain-live", CHATS[1][0]) == CHATS[1][1]  # a chain, flattened by lorakit first
+    status, text = _call(vllm, "/v1/load_lora_adapter", {"lora_name": "violet-live", "lora_path": str(found["amber"])})
+    assert status == 400 and "has already been loaded" in text
+    assert _call(vllm, "/v1/load_lora_adapter", {"lora_name": "violet-live", "lora_path": str(found["amber"]),
+                                                 "load_inplace": True})[0] == 200
+    assert _chat(vllm, "violet-live") == ANSWERS["amber"]
+    status, text = _call(vllm, "/v1/unload_lora_adapter", {"lora_name": "violet-live"})
+    assert (status, text) == (200, "Success: LoRA adapter 'violet-live' removed successfully.")
+    assert "violet-live" not in _models(vllm)
+    assert _post(f"{vllm}/v1/chat/completions", {"model": "violet-live", "messages": [
+        {"role": "user", "content": QUESTION}]})[0] == 404
+    assert _call(vllm, "/v1/unload_lora_adapter", {"lora_name": "violet-live"})[0] == 404

@@ -205,8 +205,11 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 @click.option("--engine", type=click.Choice(["lorakit", "vllm"]), default="lorakit", show_default=True,
               help="lorakit: this process generates; vllm: vLLM serves, lorakit in front (see README).")
 @click.option("--vllm", "vllm_program", help="The vllm program (default: $LORAKIT_VLLM, or vllm on PATH).")
+@click.option("--api-key", envvar="LORAKIT_API_KEY", help="Every request must send Authorization: Bearer KEY "
+              "(default: $LORAKIT_API_KEY; the page at / asks for it).")
 @click.pass_context
-def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, max_batch, engine, vllm_program):
+def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, max_batch, engine, vllm_program,
+          api_key):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a page at /; `model`
     picks the adapter. With --engine vllm, further options (--tensor-parallel-size 2 ...) go to vLLM."""
     from ..training.plan import parse_size
@@ -219,13 +222,14 @@ def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, m
         from ..inference.vllm import serve_with_vllm
 
         return serve_with_vllm(parse_entries(adapters), model, host, port, vllm=vllm_program,
-                               engine_options=tuple(ctx.args), max_body=body_limit, force=force)
+                               engine_options=tuple(ctx.args), max_body=body_limit, force=force, api_key=api_key)
     from ..inference.serve import create_app
     from ..inference.serve import serve as run_server
 
     session = open_session(model, adapters, force)
     click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1 (and a page at /)", err=True)
-    run_server(create_app(session, max_input_tokens, max_body=body_limit, max_batch=max_batch), host, port)
+    run_server(create_app(session, max_input_tokens, max_body=body_limit, max_batch=max_batch, api_key=api_key), host,
+               port, keyed=bool(api_key))
 
 
 COMMANDS = [generate, chat, eval_command, compare, serve]

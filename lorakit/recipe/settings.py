@@ -145,6 +145,7 @@ class DataSettings:
         return entry.get("weight") if isinstance(entry, dict) else None
 
 
+SERVING_ENGINES = ("vllm", "llama.cpp", "ollama", "peft")
 REPORTS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 STAGES = ("cpt", "sft", "dpo", "kto", "orpo", "simpo")
 """The training stages (one module each in lorakit/stages/, registered there)."""
@@ -318,6 +319,9 @@ class Recipe:
     folder; a symbolic link is followed (the adapter is written where it points)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    serve_with: list[str] = field(default_factory=list)
+    """Engines the adapter is meant for (vllm, llama.cpp, ollama, peft): training warns at the start when the
+    recipe makes an adapter one of them cannot apply (a DoRA adapter for vLLM), as `lorakit check` would say."""
     allow_untested_family: bool = False
     """Train a model of a family lorakit has not been tested on (README: Model families), once lorakit's own
     checks of its chat template pass (assistant turns found, closed by a special token). Off: refused."""
@@ -348,6 +352,9 @@ class Recipe:
             switched = self.lora.variants + (["LoRA+"] if self.train.loraplus_lr_ratio else [])
             raise LorakitError(f"{', '.join(switched)}: LoRA variants apply to method lora and qlora; method: full "
                                f"trains every weight")
+        unknown = [e for e in self.serve_with if e not in SERVING_ENGINES]
+        if unknown:
+            raise LorakitError(f"serve_with {unknown[0]!r}: expected some of {', '.join(SERVING_ENGINES)}")
         if self.output and ".." in Path(self.output).parts:
             raise LorakitError(f"output {self.output!r} must not climb out of its folder with '..'")
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import LorakitError
+from ..log import say
 from ..recipe import Recipe
 from ..recipe.lora import LoraSettings
 
@@ -49,6 +50,15 @@ def check_recipe(recipe: Recipe, reference: bool) -> None:
     `reference`: the stage compares against a reference model (dpo, kto), which for an adapter is the base
     with the adapter switched off."""
     lora = recipe.lora
+    for engine in recipe.serve_with:  # what the adapter is meant for, said before anything trains
+        held = [v for v in lora.variants if v in UNSUPPORTED.get(ENGINES[engine], {})]
+        if held:
+            say(f"warning: serve_with {engine}: this recipe trains a {held[0]} adapter, and "
+                f"{ENGINES[engine]} cannot apply it ({UNSUPPORTED[ENGINES[engine]][held[0]]}); "
+                f"{INSTEAD[ENGINES[engine]]}")
+        if engine == "vllm" and lora.r * (2 if lora.rewrites_base else 1) > VLLM_MAX_RANK:
+            say(f"warning: serve_with vllm: this recipe writes a rank-{lora.r * (2 if lora.rewrites_base else 1)} "
+                f"adapter, above vLLM's largest --max-lora-rank ({VLLM_MAX_RANK})")
     if lora.init == "orthogonal" and recipe.method == "qlora":
         raise LorakitError("lora.init orthogonal with method: qlora: peft makes A and B in the dtype of the base's "
                            "weights, which a 4/8-bit base stores as integers; use method: lora, or another lora.init")
@@ -190,3 +200,33 @@ def alone_in_a_batch(model) -> set[str]:
     """The adapters peft cannot run as some of a batch's rows (per-row `adapter_names`): DoRA's ("Cannot pass
     `adapter_names` when DoRA is enabled"). Their rows run in batches of their own."""
     return {name for name, config in getattr(model, "peft_config", {}).items() if getattr(config, "use_dora", False)}
+
+
+# --- `lorakit check ADAPTER --for ENGINE`: the same knowledge, asked before anyone tries ---
+
+ENGINES = {"vllm": VLLM, "llama.cpp": GGUF_ADAPTER, "ollama": GGUF_ADAPTER, "peft": None}
+VLLM_MAX_RANK = 512  # the largest --max-lora-rank vLLM accepts
+
+
+def why_not(folder, engine: str, max_rank: int = VLLM_MAX_RANK) -> str | None:
+    """Why `engine` cannot apply the adapter at `folder` (its chain flattened into one where the engine takes
+    one adapter), or None when it can."""
+    from .folders import adapter_chain
+
+    chain = adapter_chain(folder)
+    if not chain:
+        return None  # a complete model folder: every engine loads it as a model
+    where = ENGINES[engine]
+    configs = [json.loads((Path(f) / "adapter_config.json").read_text()) for f in chain]
+    try:
+        if where is not None and len(chain) > 1:
+            refuse(chain, FLATTENED)
+        if where is not None:
+            refuse(chain, where)
+    except LorakitError as exc:
+        return str(exc)
+    rank = sum(c["r"] for c in configs)
+    if engine == "vllm" and rank > max_rank:
+        return (f"{folder}: rank {rank}{' (the chain flattened)' if len(chain) > 1 else ''} is above the server's "
+                f"--max-lora-rank {max_rank}")
+    return None

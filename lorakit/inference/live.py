@@ -1,0 +1,75 @@
+"""Adapters that come and go while lorakit serve runs, through vLLM's runtime-loading API, so that tools written
+for vLLM work unchanged:
+
+    POST /v1/load_lora_adapter     {"lora_name": NAME, "lora_path": FOLDER, "load_inplace": false}
+    POST /v1/unload_lora_adapter   {"lora_name": NAME}
+
+Answers as vLLM's: 200 with "Success: LoRA adapter 'NAME' added successfully." (or "removed"), else an
+OpenAI-shaped error: 400 for an adapter the server cannot take (the reason named: another base, a damaged file, a
+full model, a name already served without load_inplace), 404 for a folder or a name that is not there.
+
+An adapter is checked before anything loads, then loaded on the engine's thread between batches (engine.call):
+rows in flight never see a half-loaded model. A replaced or removed adapter stays in memory until the last row
+using it is done (Session.hold / collect), so no answer changes under a request; new requests get the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import LorakitError
+from .guards import ApiError
+
+
+class LoadBody(BaseModel, extra="allow"):
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+
+
+class UnloadBody(BaseModel, extra="allow"):
+    lora_name: str = ""
+
+
+def add_live_routes(app, session, engine) -> None:
+    from fastapi.responses import PlainTextResponse
+
+    one_at_a_time = asyncio.Lock()  # two loads of one name never interleave (vLLM locks per name)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadBody):
+        name, path = body.lora_name, body.lora_path
+        if not name or not path:
+            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        async with one_at_a_time:
+            try:
+                await run_in_threadpool(session.check_new, name, path, body.load_inplace)
+                await asyncio.wrap_future(engine.call(lambda: _load(session, engine, name, path)))
+            except FileNotFoundError as exc:
+                raise ApiError(404, str(exc), "NotFoundError", "adapter_not_found") from None
+            except LorakitError as exc:
+                raise ApiError(400, str(exc)) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadBody):
+        if not body.lora_name:
+            raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
+        async with one_at_a_time:
+            try:
+                session.unload(body.lora_name)
+            except KeyError:
+                raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "NotFoundError",
+                               "adapter_not_found") from None
+        engine.call(lambda: None)  # wakes an idle engine, which then frees what no row holds
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _load(session, engine, name: str, path: str) -> None:
+    """On the engine's thread: the adapter loaded, and the engine generating with the model that holds it (a
+    bare base becomes a peft model with its first adapter)."""
+    session.load(name, path)
+    engine.model = session.model  # before any batch, even where no `between` hook is set
