@@ -170,3 +170,37 @@ def test_publishing_to_a_server_that_does_not_answer_fails_before_training(work,
     result = lorakit("train", recipe, "--publish", "http://127.0.0.1:9", expect=1)
     assert "http://127.0.0.1:9 does not answer" in result.stderr and "nothing was trained" in result.stderr
     assert not (work / "adapters").exists()
+
+
+def test_serve_watch_takes_finished_adapters_as_they_appear_and_drops_them_when_they_go(domains, tiny_instruct,
+                                                                                        tmp_path):
+    from lorakit.inference.serve import create_app
+    from lorakit.inference.session import Session
+
+    watched = tmp_path / "adapters"
+    watched.mkdir()
+    shutil.copytree(domains["amber"], watched / "amber")  # there at start: served before the first request
+    half = watched / "half"  # a plain peft folder still being written: no weights yet
+    half.mkdir()
+    (half / "adapter_config.json").write_text((domains["violet"] / "adapter_config.json").read_text())
+    session = Session(str(tiny_instruct), {}, "cpu", torch.float32)
+    with _running(create_app(session, watch=watched)) as url:
+        assert _models(url) == ["base", "amber"]
+        staging = watched / ".violet.partial"  # as lorakit publishes: written aside, renamed into place
+        shutil.copytree(domains["violet"], staging)
+        staging.rename(watched / "violet")
+        deadline = time.time() + 20
+        while "violet" not in _models(url) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _ask(url, "violet")[1]["choices"][0]["message"]["content"] == ANSWERS["violet"]
+        shutil.rmtree(watched / "amber")
+        while "amber" in _models(url) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _models(url) == ["base", "violet"] and _ask(url, "amber")[0] == 404
+
+
+def test_watch_with_vllm_says_how_to_publish_there_instead(tmp_path):
+    from conftest import lorakit
+
+    result = lorakit("serve", "--engine", "vllm", "--model", "m", "--watch", tmp_path, expect=1)
+    assert "--watch serves with the lorakit engine" in result.stderr and "--publish" in result.stderr

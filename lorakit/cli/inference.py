@@ -207,9 +207,11 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 @click.option("--vllm", "vllm_program", help="The vllm program (default: $LORAKIT_VLLM, or vllm on PATH).")
 @click.option("--api-key", envvar="LORAKIT_API_KEY", help="Every request must send Authorization: Bearer KEY "
               "(default: $LORAKIT_API_KEY; the page at / asks for it).")
+@click.option("--watch", type=click.Path(exists=True, file_okay=False), help="Serve every finished adapter that "
+              "appears in this folder, under its folder's name (lorakit engine).")
 @click.pass_context
 def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, max_batch, engine, vllm_program,
-          api_key):
+          api_key, watch):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a page at /; `model`
     picks the adapter. With --engine vllm, further options (--tensor-parallel-size 2 ...) go to vLLM."""
     from ..training.plan import parse_size
@@ -217,6 +219,9 @@ def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, m
     body_limit = int(parse_size(max_body, "--max-body"))
     if ctx.args and engine != "vllm":
         raise LorakitError(f"unknown option {ctx.args[0]} (options after the known ones go to vLLM: --engine vllm)")
+    if engine == "vllm" and watch:
+        raise LorakitError("--watch serves with the lorakit engine; with vLLM, publish adapters with "
+                           "lorakit train --publish URL (or POST /v1/load_lora_adapter)")
     if engine == "vllm":
         from ..inference.session import parse_entries
         from ..inference.vllm import serve_with_vllm
@@ -228,8 +233,9 @@ def serve(ctx, model, adapters, force, host, port, max_input_tokens, max_body, m
 
     session = open_session(model, adapters, force)
     click.echo(f"serving {', '.join(session.names)} on http://{host}:{port}/v1 (and a page at /)", err=True)
-    run_server(create_app(session, max_input_tokens, max_body=body_limit, max_batch=max_batch, api_key=api_key), host,
-               port, keyed=bool(api_key))
+    app = create_app(session, max_input_tokens, max_body=body_limit, max_batch=max_batch, api_key=api_key,
+                     watch=watch)
+    run_server(app, host, port, keyed=bool(api_key))
 
 
 COMMANDS = [generate, chat, eval_command, compare, serve]

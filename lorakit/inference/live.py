@@ -16,6 +16,9 @@ using it is done (Session.hold / collect), so no answer changes under a request;
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from pathlib import Path
 
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -73,3 +76,61 @@ def _load(session, engine, name: str, path: str) -> None:
     bare base becomes a peft model with its first adapter)."""
     session.load(name, path)
     engine.model = session.model  # before any batch, even where no `between` hook is set
+
+
+def watch(folder: Path, session, engine, every_s: float = 1.0) -> threading.Thread:
+    """`lorakit serve --watch DIR`: serve each finished adapter folder in DIR under its folder's name, load it
+    again when it is replaced (a retrained adapter published over it), and stop serving it when it goes.
+
+    Finished means what lorakit writes last: manifest.json (training and exports write a staging folder and
+    rename it into place, so a half-written adapter is never under its own name); a plain peft folder counts once
+    its weights have not changed between two looks. Hidden folders (lorakit's staging) are never read. A folder
+    the server cannot take is named once on stderr and left alone."""
+    from ..log import say
+
+    seen: dict[str, tuple] = {}  # name -> the stamp it was loaded (or refused) with
+    sizes: dict[str, tuple] = {}  # plain peft folders: the stamp at the last look
+
+    def stamp(path: Path) -> tuple | None:
+        marker = path / "manifest.json" if (path / "manifest.json").is_file() else path / "adapter_model.safetensors"
+        if not marker.is_file():
+            return None
+        stat = marker.stat()
+        return (marker.name, stat.st_mtime_ns, stat.st_size)
+
+    def look() -> None:
+        present = {}
+        for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            now = stamp(path)
+            if now is None or (now[0] != "manifest.json" and sizes.get(path.name) != now):
+                sizes[path.name] = now  # a plain folder still being written, or first seen: look again next time
+                continue
+            present[path.name] = now
+            if seen.get(path.name) == now:
+                continue
+            seen[path.name] = now
+            try:
+                session.check_new(path.name, str(path), replace=True)
+                engine.call(lambda n=path.name, p=str(path): _load(session, engine, n, p)).result()
+                say(f"--watch: serving {path} as {path.name!r}")
+            except (LorakitError, OSError) as exc:
+                say(f"--watch: {path} is not served: {exc}")
+        for name in [n for n in seen if n not in present]:
+            del seen[name]
+            if name in session.entries:
+                session.unload(name)
+                engine.call(lambda: None)
+                say(f"--watch: {folder / name} is gone; {name!r} is no longer served")
+
+    def loop() -> None:
+        while True:
+            try:
+                look()
+            except OSError as exc:  # the folder itself went away for a moment
+                say(f"--watch: cannot read {folder} ({exc.strerror or exc})")
+            time.sleep(every_s)
+
+    look()  # what is there at start is served before the server answers
+    thread = threading.Thread(target=loop, daemon=True, name="lorakit-watch")
+    thread.start()
+    return thread

@@ -266,7 +266,7 @@ def usage(g: Generation) -> dict:
 
 
 def create_app(session, max_input_tokens: int | None = None, default_max_tokens: int = 256, max_body: int = MAX_BODY,
-               max_batch: int = 16, api_key: str | None = None):
+               max_batch: int = 16, api_key: str | None = None, watch: Path | None = None):
     """The FastAPI app; `session` is a lorakit Session holding the base and the adapters."""
     from .live import add_live_routes
 
@@ -276,6 +276,10 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
     generator = Generator(session, engine, limit, default_max_tokens)
     app.state.stats = generator.engine.stats
     add_live_routes(app, session, engine)
+    if watch is not None:
+        from .live import watch as watch_folder
+
+        watch_folder(Path(watch), session, engine)
 
     @app.get("/metrics")
     def metrics():
