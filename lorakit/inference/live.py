@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import LorakitError
 from .guards import ApiError
+from .session import check_name
 
 
 class LoadBody(BaseModel, extra="allow"):
@@ -37,7 +39,11 @@ class UnloadBody(BaseModel, extra="allow"):
     lora_name: str = ""
 
 
-def add_live_routes(app, session, engine) -> None:
+def add_loading_routes(app, served: Callable[[], Iterable[str]], load, unload) -> None:
+    """vLLM's runtime-loading endpoints, the same for both servers: the fields, the name and the answers checked
+    here; `served()`: the adapters served now; `load(name, path)` (async) takes the adapter, raising
+    FileNotFoundError for a folder that is not there or LorakitError for one the server cannot take, and returns
+    the answer's text; `unload(name)` (async) likewise."""
     from fastapi.responses import PlainTextResponse
 
     one_at_a_time = asyncio.Lock()  # two loads of one name never interleave (vLLM locks per name)
@@ -49,26 +55,42 @@ def add_live_routes(app, session, engine) -> None:
             raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.")
         async with one_at_a_time:
             try:
-                await run_in_threadpool(session.check_new, name, path, body.load_inplace)
-                await asyncio.wrap_future(engine.call(lambda: _load(session, engine, name, path)))
+                check_name(name)
+                if name in served() and not body.load_inplace:
+                    raise LorakitError(f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                                       f"adapter in place, set 'load_inplace' to True.")
+                text = await load(name, path)
             except FileNotFoundError as exc:
                 raise ApiError(404, str(exc), "NotFoundError", "adapter_not_found") from None
             except LorakitError as exc:
                 raise ApiError(400, str(exc)) from None
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        return PlainTextResponse(text)
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadBody):
         if not body.lora_name:
             raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
         async with one_at_a_time:
-            try:
-                session.unload(body.lora_name)
-            except KeyError:
+            if body.lora_name not in served():
                 raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "NotFoundError",
-                               "adapter_not_found") from None
+                               "adapter_not_found")
+            return PlainTextResponse(await unload(body.lora_name))
+
+
+def add_live_routes(app, session, engine) -> None:
+    """The loading endpoints over lorakit's own engine: loaded on the engine's thread, between batches."""
+
+    async def load(name: str, path: str) -> str:
+        await run_in_threadpool(session.check_new, path)
+        await asyncio.wrap_future(engine.call(lambda: _load(session, engine, name, path)))
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload(name: str) -> str:
+        session.unload(name)
         engine.call(lambda: None)  # wakes an idle engine, which then frees what no row holds
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    add_loading_routes(app, lambda: session.entries, load, unload)
 
 
 def _load(session, engine, name: str, path: str) -> None:
@@ -110,7 +132,8 @@ def watch(folder: Path, session, engine, every_s: float = 1.0) -> threading.Thre
                 continue
             seen[path.name] = now
             try:
-                session.check_new(path.name, str(path), replace=True)
+                check_name(path.name)
+                session.check_new(str(path))
                 engine.call(lambda n=path.name, p=str(path): _load(session, engine, n, p)).result()
                 say(f"--watch: serving {path} as {path.name!r}")
             except (LorakitError, OSError) as exc:

@@ -44,12 +44,26 @@ def parse_entries(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name, spec
-        if not NAME.match(name) or name in (BASE, "none"):
-            raise LorakitError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (not base or none)")
+        check_name(name)
         if name in entries:
             raise LorakitError(f"adapter name {name!r} is given twice")
         entries[name] = path
     return entries
+
+
+def check_name(name: str) -> None:
+    """A name an adapter can be served under (`model` in a request)."""
+    if not NAME.match(name) or name in (BASE, "none"):
+        raise LorakitError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (not base or none)")
+
+
+def check_adapter_path(path: str) -> None:
+    """A folder that can be taken as an adapter while serving: FileNotFoundError when it is not there,
+    LorakitError for a complete model."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such adapter folder (looked at {Path(path).resolve()})")
+    if is_full_model(path):
+        raise LorakitError(f"{path} is a complete model, not an adapter: serve it with --model")
 
 
 class Session:
@@ -99,18 +113,10 @@ class Session:
 
     # --- adapters that come and go while serving (live.py): run on the engine's thread, between batches ---
 
-    def check_new(self, name: str, path: str, replace: bool) -> None:
+    def check_new(self, path: str) -> None:
         """Refuse, before anything loads, an adapter this session cannot take (LorakitError, or FileNotFoundError
         for a path that is not there)."""
-        if not NAME.match(name) or name in (BASE, "none"):
-            raise LorakitError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (not base or none)")
-        if name in self.entries and not replace:
-            raise LorakitError(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
-                               f"in place, set 'load_inplace' to True.")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such adapter folder (looked at {Path(path).resolve()})")
-        if is_full_model(path):
-            raise LorakitError(f"{path} is a complete model, not an adapter: serve it with --model")
+        check_adapter_path(path)
         adapter_chain(path)  # every file readable
         manifest = read_manifest(path)
         check_base(path, manifest, self.base_fingerprint, self.base_name, force=False)

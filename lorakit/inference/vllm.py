@@ -35,10 +35,6 @@ from ..errors import LorakitError
 from ..log import say
 from ..system import cache_home
 from ..system.signals import handling
-from .live import (  # module level: FastAPI resolves the endpoints' annotations here
-    LoadBody,
-    UnloadBody,
-)
 from .serve import (
     ApiError,
     ChatBody,
@@ -274,9 +270,7 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int, api
         try:
             response = await loop.run_in_executor(None, lambda: urllib.request.urlopen(request, timeout=600))
         except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-            message = (body.get("error") or {}).get("message") or body.get("message") or str(exc)
-            raise ApiError(exc.code, f"vLLM: {message}") from None
+            raise _vllm_error(exc) from None
         if not stream:
             return JSONResponse(json.loads(await loop.run_in_executor(None, response.read)))
 
@@ -318,22 +312,20 @@ def create_proxy_app(deployment: Deployment, engine_url: str, max_body: int, api
 def add_vllm_live_routes(app, deployment: Deployment, engine_url: str) -> None:
     """vLLM's runtime-loading endpoints in front of vLLM: the adapter checked and its chain flattened here (as at
     start), then vLLM asked to load the flattened folder; vLLM's answer passed back."""
-    from fastapi.responses import PlainTextResponse
     from starlette.concurrency import run_in_threadpool
 
     from ..weights.flatten import rank_of
-    from ..weights.folders import adapter_chain, is_full_model
+    from ..weights.folders import adapter_chain
     from ..weights.variants import VLLM, refuse
+    from .live import add_loading_routes
+    from .session import check_adapter_path
 
-    def prepare(body: LoadBody) -> Path:
-        if not Path(body.lora_path).exists():
-            raise FileNotFoundError(f"{body.lora_path}: no such adapter folder (looked at {Path(body.lora_path).resolve()})")
-        if is_full_model(body.lora_path):
-            raise LorakitError(f"{body.lora_path} is a complete model, not an adapter: serve it with --model")
-        refuse(adapter_chain(body.lora_path), VLLM)
-        folder = flattened(deployment, body.lora_path)  # checks the base's fingerprint too
+    def prepare(path: str) -> Path:
+        check_adapter_path(path)
+        refuse(adapter_chain(path), VLLM)
+        folder = flattened(deployment, path)  # checks the base's fingerprint too
         if rank_of(folder) > deployment.max_rank:
-            raise LorakitError(f"{body.lora_path}: rank {rank_of(folder)} is above the --max-lora-rank vLLM was started "
+            raise LorakitError(f"{path}: rank {rank_of(folder)} is above the --max-lora-rank vLLM was started "
                                f"with ({deployment.max_rank}); restart with that adapter given as --adapter")
         return folder
 
@@ -344,34 +336,27 @@ def add_vllm_live_routes(app, deployment: Deployment, engine_url: str) -> None:
             with urllib.request.urlopen(request, timeout=600) as response:
                 return response.read().decode()
         except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-            raise ApiError(exc.code, f"vLLM: {(body.get('error') or {}).get('message') or exc}") from None
+            raise _vllm_error(exc) from None
 
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadBody):
-        if not body.lora_name or not body.lora_path:
-            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.")
-        if body.lora_name in deployment.names and not body.load_inplace:
-            raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
-                                f"the adapter in place, set 'load_inplace' to True.")
-        try:
-            folder = await run_in_threadpool(prepare, body)
-        except FileNotFoundError as exc:
-            raise ApiError(404, str(exc), "NotFoundError", "adapter_not_found") from None
-        except LorakitError as exc:
-            raise ApiError(400, str(exc)) from None
-        payload = {"lora_name": body.lora_name, "lora_path": str(folder), "load_inplace": body.load_inplace}
-        text = await run_in_threadpool(ask, "/v1/load_lora_adapter", payload)
-        deployment.take(body.lora_name, folder)
-        return PlainTextResponse(text)
+    async def load(name: str, path: str) -> str:
+        folder = await run_in_threadpool(prepare, path)
+        text = await run_in_threadpool(ask, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder),
+                                                                       "load_inplace": name in deployment.adapters})
+        deployment.take(name, folder)
+        return text
 
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadBody):
-        if body.lora_name not in deployment.adapters:
-            raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "NotFoundError",
-                           "adapter_not_found")
-        deployment.drop(body.lora_name)  # new requests: 404 at once
-        return PlainTextResponse(await run_in_threadpool(ask, "/v1/unload_lora_adapter", {"lora_name": body.lora_name}))
+    async def unload(name: str) -> str:
+        deployment.drop(name)  # new requests: 404 at once
+        return await run_in_threadpool(ask, "/v1/unload_lora_adapter", {"lora_name": name})
+
+    add_loading_routes(app, lambda: deployment.adapters, load, unload)
+
+
+def _vllm_error(exc: urllib.error.HTTPError) -> ApiError:
+    """vLLM's error answer as lorakit's, its message kept."""
+    body = json.loads(exc.read() or b"{}")
+    message = (body.get("error") or {}).get("message") or body.get("message") or str(exc)
+    return ApiError(exc.code, f"vLLM: {message}")
 
 
 def serve_with_vllm(entries: dict[str, str], model: str | None, host: str, port: int, *, vllm: str | None,
