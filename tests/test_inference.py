@@ -236,7 +236,8 @@ def test_a_client_that_disconnects_stops_its_generation(long_server):
 def test_requests_are_checked_outside_the_lock_while_another_generates(long_server):
     url, _ = long_server
     with ThreadPoolExecutor(max_workers=1) as pool:
-        busy = pool.submit(_post, f"{url}/v1/completions", {**LONG, "max_tokens": 400})
+        # 3000 tokens (about 2 s here): 400 ran in about 0.3 s on an idle machine, and were done before the check
+        busy = pool.submit(_post, f"{url}/v1/completions", LONG)
         time.sleep(0.3)
         start = time.time()
         status, reply = _post(f"{url}/v1/completions", {**LONG, "prompt": "lamp " * 5000, "max_tokens": 10})
