@@ -247,6 +247,24 @@ def test_requests_are_checked_outside_the_lock_while_another_generates(long_serv
         assert busy.result()[0] == 200
 
 
+def test_a_short_request_never_waits_for_a_long_ones_length(long_server):
+    """Head of line: a 20-token answer once waited 3.8 s behind a 4,000-token one. Rows now join and leave the
+    running batch at token boundaries: the short one is answered while the long one is still generating."""
+    url, app = long_server
+    short = {"model": "base", "prompt": "Quartzfield is", "max_tokens": 20, "temperature": 0}
+    alone = _post(f"{url}/v1/completions", short)[1]["choices"][0]["text"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        admitted = app.state.stats["rows"]
+        busy = pool.submit(_post, f"{url}/v1/completions", LONG)
+        while app.state.stats["rows"] == admitted:  # the long one is generating
+            time.sleep(0.01)
+        time.sleep(0.2)
+        status, reply = _post(f"{url}/v1/completions", short)
+        assert not busy.done()  # answered while the 3000-token generation runs on...
+        assert status == 200 and reply["choices"][0]["text"] == alone  # ...with the answer it gets alone
+        assert busy.result()[1]["usage"]["completion_tokens"] == 3000 and app.state.stats["largest"] >= 2
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(long_server):
     url, _ = long_server
     host, port = url.removeprefix("http://").split(":")

@@ -202,7 +202,7 @@ def test_recipe_keys_still_load(work):
 
 
 def test_a_failed_vllm_start_is_reported_by_its_root_cause_not_its_last_line():
-    from lorakit.inference.vllm import root_cause
+    from lorakit.inference.vllm_process import root_cause
 
     log = "\n".join([
         "(APIServer pid=7) INFO 12-03 10:02:09 [api_server.py:1] vLLM API server version 0.32.0",

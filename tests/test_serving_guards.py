@@ -72,17 +72,17 @@ def test_a_tiny_temperature_never_fails_its_own_request_or_the_ones_batched_with
 
 
 def test_one_failing_row_fails_only_its_own_request(bare, monkeypatch):
-    from lorakit.inference import engine
+    from lorakit.inference import rows
 
     session, url = bare
-    original = engine._sample
+    original = rows.sample
 
     def fragile(logits, sampling, generator):
         if sampling.seed == 13:
             raise RuntimeError("this row cannot be computed")
         return original(logits, sampling, generator)
 
-    monkeypatch.setattr(engine, "_sample", fragile)
+    monkeypatch.setattr(rows, "sample", fragile)
     bodies = [{"model": "base", "prompt": "The Orbix lamp", "max_tokens": 6, "temperature": 0.7, "seed": seed}
               for seed in (13, 1, 2, 3)]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -134,3 +134,31 @@ def test_binding_beyond_loopback_without_a_key_says_who_can_use_the_model(monkey
     assert "without an API key: anyone who can reach this address can use the model" in capsys.readouterr().err
     guards.serve(serving.base_app(lambda: ["base"], serving.MAX_BODY, api_key="k"), "0.0.0.0", 0, keyed=True)
     assert "API key" not in capsys.readouterr().err
+
+
+def test_the_page_of_a_keyed_server_asks_for_the_key_and_then_answers(bare, browser):
+    """In a real browser: the page loads without the key, asks for it (again after a wrong one), then works."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    session, _ = bare
+    with _running(serving.create_app(session, api_key="s3cret")) as url:
+        browser.get(url + "/")
+        for key in ("wrong", "s3cret"):
+            prompt = WebDriverWait(browser, 30).until(shown.alert_is_present())
+            assert "needs its API key" in prompt.text
+            prompt.send_keys(key)
+            prompt.accept()
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".column"))
+        browser.find_element(By.ID, "prompt").send_keys("The Orbix lamp")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, ".column small").text.startswith(
+            ("stop", "length")))
+        shown_answer = browser.find_element(By.CSS_SELECTOR, ".column .answer").get_attribute("textContent")
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps({
+            "model": "base", "temperature": 0, "max_tokens": 128,
+            "messages": [{"role": "user", "content": "The Orbix lamp"}]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert shown_answer == json.loads(response.read())["choices"][0]["message"]["content"]

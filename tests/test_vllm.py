@@ -166,6 +166,26 @@ def test_when_lorakit_serve_ends_vllm_and_its_workers_end_too(adapters, tmp_path
     assert ours() == []
 
 
+def test_a_vllm_that_dies_while_serving_ends_lorakit_with_one_line(adapters, tmp_path):
+    """vLLM killed under lorakit (here SIGKILL, as the kernel's OOM killer does it): lorakit ends with code 1 and one
+    line, and nothing of vLLM stays behind, instead of answering every request with a 500."""
+    import psutil
+
+    model, _ = adapters
+    others = {p.pid for p in _vllm_processes(model)}
+    process, url = _serve_with_vllm(model, {}, tmp_path / "cache")
+    server = [p for p in psutil.Process(process.pid).children() if "vllm.entrypoints.openai.api_server" in p.cmdline()]
+    assert len(server) == 1
+    server[0].kill()
+    assert process.wait(timeout=120) == 1
+    last = process.stdout.read().strip().splitlines()[-1]
+    assert last.startswith("error: vLLM exited (killed by signal 9) while serving") and "its log:" in last, last
+    deadline = time.time() + 60
+    while [p for p in _vllm_processes(model) if p.pid not in others] and time.time() < deadline:
+        time.sleep(1)
+    assert [p for p in _vllm_processes(model) if p.pid not in others] == []
+
+
 def test_a_vllm_that_cannot_start_is_one_line_naming_its_root_cause(adapters):
     """vLLM's own last words are "Engine core initialization failed. See root cause above"; lorakit says
     the cause (here: more memory asked of the CPU backend than there is)."""

@@ -201,7 +201,7 @@ def compare(model, adapters, force, prompts, output, mode, sample, max_new_token
 @click.option("--max-input-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the model's context).")
 @click.option("--max-body", default="1MB", show_default=True, help="Refuse larger request bodies (413).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests generated together in one batch (lorakit engine).")
+              help="Requests generating at once; more wait for a place (lorakit engine).")
 @click.option("--engine", type=click.Choice(["lorakit", "vllm"]), default="lorakit", show_default=True,
               help="lorakit: this process generates; vllm: vLLM serves, lorakit in front (see README).")
 @click.option("--vllm", "vllm_program", help="The vllm program (default: $LORAKIT_VLLM, or vllm on PATH).")

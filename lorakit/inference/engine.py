@@ -1,11 +1,15 @@
-"""Many requests generated together: one forward pass for a batch, each row with its own adapter
-(peft's per-row `adapter_names`), its own sampling, stop tokens and strings, its own stream, and its own
-cancellation (a client that goes away stops its row, not the batch).
+"""Many requests generated together, continuously batched: one forward pass gives every running row its next
+token, each row with its own adapter (peft's per-row `adapter_names`), its own sampling, stop tokens and strings,
+its own stream and its own cancellation (a client that goes away stops its row, not the batch).
 
-Requests that arrive while a batch runs wait for the next one, which gathers everything queued (up
-to `max_batch`); a batch ends when its last row does. Written here because transformers' generate()
-takes one sampling setting and one stop rule for a whole batch and cannot stream or cancel per row;
-vLLM (`lorakit serve --engine vllm`) is the engine for production traffic.
+Rows join and leave the running batch at token boundaries, as vLLM's scheduler does it: a request that arrives
+while others generate has its prompt read (prefilled) at once and then takes its tokens in the same forward passes
+as theirs; a row that ends leaves at once and its client gets the answer. A short request never waits for a long
+one's length. The rows' key-value caches sit side by side, left-padded to the longest history.
+
+Written here because transformers' generate() takes one sampling setting and one stop rule for a whole batch and
+cannot stream, cancel, admit or release rows; vLLM (`lorakit serve --engine vllm`), with paged attention, is the
+engine for production traffic.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from .generate import Generation, Sampling
+from .rows import Row
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
 
@@ -43,21 +48,24 @@ class Request:
 
 
 class Engine:
-    """A thread that generates what is submitted, in batches, on one model. While it serves, it owns the
-    model's active adapter (a batch of one adapter sets it); nothing else generates on that model."""
+    """A thread that generates what is submitted on one model, continuously batched. While it serves, it owns the
+    model's active adapter (rows of one adapter set it); nothing else generates on that model."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, gather_s: float = 0.005,
                  between: Callable[[], Any] | None = None):
         self.model, self.tokenizer, self.max_batch, self.gather_s = model, tokenizer, max_batch, gather_s
         self.between = between
-        """Called on the engine's thread between batches, after the tasks: returns the model to generate with (the
-        session's, which drops the adapters no row holds and may have taken new ones)."""
+        """Called on the engine's thread between forward passes, after the tasks: returns the model to generate with
+        (the session's, which drops the adapters no row holds and may have taken new ones)."""
         self.pending: queue.Queue[Request | None] = queue.Queue()  # None: a task is waiting, wake up
         self.tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "prompt_tokens": 0,
+        self.running: dict[str, Running] = {}
+        """The batches in flight: "" for the rows that share forward passes, an adapter's name for one that peft
+        cannot mix with others (DoRA), whose rows run beside them in passes of their own."""
+        self.stats = {"passes": 0, "rows": 0, "largest": 0, "cancelled": 0, "prompt_tokens": 0,
                       "completion_tokens": 0, "queue_wait_s": 0.0}
-        """Batches run, rows generated, the largest batch, rows stopped because their client left, tokens read
-        and generated, and the seconds rows waited between their submission and their batch's start."""
+        """Forward passes run, rows admitted, the most rows generating at once, rows stopped because their client
+        left, tokens read and generated, and the seconds rows waited between their submission and their prefill."""
         threading.Thread(target=self._serve, daemon=True, name="lorakit-engine").start()
 
     def submit(self, request: Request) -> Future:
@@ -65,12 +73,17 @@ class Engine:
         return request.done
 
     def call(self, task: Callable[[], Any]) -> Future:
-        """Run `task` on the engine's thread between batches, where nothing generates (loading or replacing an
-        adapter changes the model's layers); resolves to its result."""
+        """Run `task` on the engine's thread between forward passes, where nothing generates (loading or replacing
+        an adapter changes the model's layers); resolves to its result."""
         done: Future = Future()
         self.tasks.put((task, done))
         self.pending.put(None)
         return done
+
+    @property
+    def generating(self) -> int:
+        """Rows generating now."""
+        return sum(len(batch.rows) for batch in list(self.running.values()))
 
     def _run_tasks(self) -> None:
         while not self.tasks.empty():
@@ -84,75 +97,76 @@ class Engine:
 
     def _serve(self) -> None:
         while True:
-            first = self.pending.get()
+            arrived = self._arrivals(wait=not self.running)
             self._run_tasks()
-            if first is None:
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch:  # what arrives together (no gap over gather_s) runs together
-                try:
-                    item = self.pending.get(timeout=self.gather_s)
-                except queue.Empty:
-                    break
-                if item is not None:
-                    batch.append(item)
-            live = [r for r in batch if not r.cancel.is_set()]
-            for r in batch:
-                if r.cancel.is_set():
-                    r.done.set_result(Generation("", len(r.prompt_ids), 0, "cancelled"))
-                    self.stats["cancelled"] += 1
-            if not live:
-                continue
-            for group in self._groups(live):
-                try:
-                    self._generate(group)
-                except Exception as exc:  # noqa: BLE001  (each waiting request gets the error, the thread lives on)
-                    for r in group:
-                        if not r.done.done():
-                            r.done.set_exception(exc)
-            self._run_tasks()
+            self._admit(arrived)
+            for key, batch in list(self.running.items()):
+                self._pass(batch)
+                if not batch.rows:
+                    del self.running[key]
 
-    def _groups(self, batch: list[Request]) -> list[list[Request]]:
-        """The batch as forward passes can run it: together, except the rows of an adapter peft cannot mix
-        with others (DoRA), which run as a batch of their own."""
+    def _arrivals(self, wait: bool) -> list[Request]:
+        """What was submitted, up to the room left in the batch. An idle engine waits for a first request and
+        gathers what arrives with it (no gap over gather_s); a busy one takes what is there, between passes."""
+        room = self.max_batch - self.generating
+        arrived: list[Request] = []
+        if wait:
+            first = self.pending.get()
+            if first is None:
+                return []
+            arrived.append(first)
+        while len(arrived) < room:
+            try:
+                item = self.pending.get(timeout=self.gather_s) if wait else self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                arrived.append(item)
+        return arrived
+
+    def _admit(self, arrived: list[Request]) -> None:
+        """Prefill the arrived requests (by group) and let their rows join the running batches."""
         from ..weights.variants import alone_in_a_batch
 
         alone = alone_in_a_batch(self.model)
-        if not alone or len({r.adapter for r in batch}) == 1:
-            return [batch]
-        apart = {name: [r for r in batch if r.adapter == name] for name in alone}
-        rest = [r for r in batch if r.adapter not in alone]
-        return [group for group in [rest, *apart.values()] if group]
-
-    def _generate(self, batch: list[Request]) -> None:
+        groups: dict[str, list[Row]] = {}
         now = time.monotonic()
-        self.stats["queue_wait_s"] += sum(now - r.submitted for r in batch)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["largest"] = max(self.stats["largest"], len(batch))
-        rows = [_Row(r, self.tokenizer) for r in batch]
-        device = next(self.model.parameters()).device
-        input_ids, attention = _left_padded([r.prompt_ids for r in batch], self.tokenizer.pad_token_id, device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
+        for r in arrived:
+            if r.cancel.is_set():
+                r.done.set_result(Generation("", len(r.prompt_ids), 0, "cancelled"))
+                self.stats["cancelled"] += 1
+                continue
+            self.stats["queue_wait_s"] += now - r.submitted
+            groups.setdefault(r.adapter if r.adapter in alone else "", []).append(Row(r, self.tokenizer))
+        for key, rows in groups.items():
+            self.stats["rows"] += len(rows)
+            batch = Running(rows, self.tokenizer.pad_token_id, next(self.model.parameters()).device)
+            self._pass(batch)
+            if not batch.rows:
+                continue
+            if key in self.running:
+                self.running[key].join(batch)
+            else:
+                self.running[key] = batch
+        self.stats["largest"] = max(self.stats["largest"], self.generating)
 
-        cache = DynamicCache()
-        with torch.no_grad(), self._adapters([r.adapter for r in batch]) as extra:
-            for _ in range(max(r.sampling.max_new_tokens for r in batch)):
-                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-                chosen = [row.choose_or_fail(out.logits[i, -1].float()) for i, row in enumerate(rows)]
-                if all(row.finished for row in rows):
-                    break
-                input_ids = torch.tensor([[token] for token in chosen], device=device)
-                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-                positions = positions[:, -1:] + 1
-        for row in rows:  # counted before the answer goes out: a client that reads /metrics next sees its row
+    def _pass(self, batch: Running) -> None:
+        """One forward pass of `batch`; the rows that finished leave it and get their answers."""
+        self.stats["passes"] += 1
+        try:
+            with torch.no_grad(), self._adapters([row.request.adapter for row in batch.rows]) as extra:
+                batch.step(self.model, extra)
+        except Exception as exc:  # noqa: BLE001  (each of its requests gets the error, the thread lives on)
+            for row in batch.rows:
+                if not row.request.done.done():
+                    row.request.done.set_exception(exc)
+            batch.rows = []
+            return
+        for row in batch.leave():  # counted before the answer goes out: a client that reads /metrics next sees it
             self.stats["cancelled"] += row.reason == "cancelled"
             self.stats["prompt_tokens"] += len(row.request.prompt_ids)
             self.stats["completion_tokens"] += len(row.tokens)
             row.finish()
-
 
     @contextlib.contextmanager
     def _adapters(self, per_row: list[str]):
@@ -172,112 +186,70 @@ class Engine:
             yield {"adapter_names": per_row}
 
 
-class _Row:
-    """One request's side of a batch: its tokens, text and stopping."""
+class Running:
+    """Rows generating together: their next inputs and their key-value cache, side by side, each row's history
+    left-padded to the longest (the attention mask hides the padding; positions count each row's own tokens)."""
 
-    def __init__(self, request: Request, tokenizer):
-        self.request, self.tokenizer = request, tokenizer
-        self.tokens: list[int] = []
-        self.sent = ""
-        self.reason: str | None = None
-        self.generator = torch.Generator()
-        if request.sampling.seed is not None:
-            self.generator.manual_seed(request.sampling.seed)
-        else:
-            self.generator.seed()
+    def __init__(self, rows: list[Row], pad: int, device):
+        self.rows = rows
+        width = max(len(row.request.prompt_ids) for row in rows)
+        self.input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        self.attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.request.prompt_ids
+            self.input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            self.attention[i, width - len(prompt):] = 1
+        self.input_ids, self.attention = self.input_ids.to(device), self.attention.to(device)
+        self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
 
-    @property
-    def finished(self) -> bool:
-        return self.reason is not None
+        self.cache = DynamicCache()
 
-    def choose_or_fail(self, logits: torch.Tensor) -> int:
-        """The next token; a failure (a value that cannot be computed) ends this row alone, never the
-        other clients' rows in the same batch."""
-        try:
-            return self.choose(logits)
-        except Exception as exc:  # noqa: BLE001  (its request gets the error; the batch goes on)
-            self.reason = "error"
-            self.request.done.set_exception(exc)
-            return self.tokenizer.pad_token_id
+    def step(self, model, extra: dict) -> None:
+        """One forward pass: every row's next token chosen (the first one, for rows just prefilled)."""
+        out = model(input_ids=self.input_ids, attention_mask=self.attention, position_ids=self.positions,
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra)
+        chosen = [row.choose_or_fail(out.logits[i, -1].float()) for i, row in enumerate(self.rows)]
+        self.input_ids = torch.tensor([[token] for token in chosen], device=self.input_ids.device)
+        self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=1)
+        self.positions = self.positions[:, -1:] + 1
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token of this row (the pad token once it has finished)."""
-        if self.finished:
-            return self.tokenizer.pad_token_id
-        request = self.request
-        if request.cancel.is_set():
-            self.reason = "cancelled"
-            return self.tokenizer.pad_token_id
-        token = _sample(logits, request.sampling, self.generator)
-        self.tokens.append(token)
-        if token in request.stop_ids:
-            self.reason = "stop"
-            return token
-        text, stopped = self._text()
-        if stopped:
-            self.reason = "stop"
-        elif len(self.tokens) >= request.sampling.max_new_tokens:
-            self.reason = "length"
-        else:
-            self._emit(_held_back(text, request.stop_strings))
-        return token
+    def leave(self) -> list[Row]:
+        """Take the finished rows out (their cache rows dropped, and the padding no remaining row needs);
+        returns them."""
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        gone = [row for row in self.rows if row.finished]
+        if not gone:
+            return []
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return gone
+        index = torch.tensor(keep, device=self.attention.device)
+        self.input_ids, self.positions = self.input_ids[index], self.positions[index]
+        self.attention = self.attention[index]
+        first = int(self.attention.any(0).int().argmax())  # the first column a remaining row attends to
+        self.attention = self.attention[:, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        return gone
 
-    def _text(self) -> tuple[str, bool]:
-        """The text so far, cut at the first stop string (and whether one came)."""
-        stop_ids, stops = self.request.stop_ids, self.request.stop_strings
-        text = self.tokenizer.decode([t for t in self.tokens if t not in stop_ids], skip_special_tokens=False)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
-
-    def _emit(self, text: str) -> None:
-        if len(text) > len(self.sent) and self.request.emit is not None:
-            self.request.emit(text[len(self.sent):])
-        self.sent = max(self.sent, text, key=len)
-
-    def finish(self) -> None:
-        """Say the rest (what was held back) and resolve the request. A character whose bytes were cut off
-        by the end of generation is left out, not sent as U+FFFD (vLLM's detokenizer does the same)."""
-        if self.request.done.done():  # failed on its own (choose_or_fail)
-            return
-        if self.reason is None:
-            self.reason = "length"
-        text = self._text()[0].rstrip("\ufffd")
-        self._emit(text)
-        self.request.done.set_result(Generation(text, len(self.request.prompt_ids), len(self.tokens), self.reason))
+    def join(self, other: Running) -> None:
+        """Add `other`'s rows (prefilled, at the same token boundary): the shorter history is left-padded."""
+        width = max(self.attention.shape[1], other.attention.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_padded(mine.keys, width - 1, 2), _padded(theirs.keys, width - 1, 2)])
+            mine.values = torch.cat([_padded(mine.values, width - 1, 2), _padded(theirs.values, width - 1, 2)])
+        self.attention = torch.cat([_padded(self.attention, width, 1), _padded(other.attention, width, 1)])
+        self.input_ids = torch.cat([self.input_ids, other.input_ids])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows += other.rows
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> str:
-    """`text` without what is not sure yet: a character still being decoded, or an ending that could be
-    the start of a stop string (streamed, it could not be taken back)."""
-    text = text.rstrip("\ufffd")
-    hold = max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
-    return text[:len(text) - hold]
-
-
-def _left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """Greedy, or temperature, top-k and top-p, in that order (as transformers' generate applies them)."""
-    if sampling.greedy or sampling.temperature == 0:
-        return int(logits.argmax())
-    # shifted so the largest is 0 before dividing: a temperature of 1e-40 then gives 0 and -inf (greedy in
-    # effect) instead of inf - inf = NaN, which once failed every row of the batch
-    logits = (logits - logits.max()) / sampling.temperature
-    if sampling.top_k and sampling.top_k < logits.numel():
-        cutoff = torch.topk(logits, sampling.top_k).values[-1]
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    if sampling.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) > sampling.top_p  # keep the token that crosses top_p
-        logits[order[drop]] = float("-inf")
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+def _padded(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros before its entries along `dim`, up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

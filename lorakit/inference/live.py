@@ -8,7 +8,7 @@ Answers as vLLM's: 200 with "Success: LoRA adapter 'NAME' added successfully." (
 OpenAI-shaped error: 400 for an adapter the server cannot take (the reason named: another base, a damaged file, a
 full model, a name already served without load_inplace), 404 for a folder or a name that is not there.
 
-An adapter is checked before anything loads, then loaded on the engine's thread between batches (engine.call):
+An adapter is checked before anything loads, then loaded on the engine's thread between two forward passes (engine.call):
 rows in flight never see a half-loaded model. A replaced or removed adapter stays in memory until the last row
 using it is done (Session.hold / collect), so no answer changes under a request; new requests get the new one.
 """
@@ -78,7 +78,7 @@ def add_loading_routes(app, served: Callable[[], Iterable[str]], load, unload) -
 
 
 def add_live_routes(app, session, engine) -> None:
-    """The loading endpoints over lorakit's own engine: loaded on the engine's thread, between batches."""
+    """The loading endpoints over lorakit's own engine: loaded on the engine's thread, between two forward passes."""
 
     async def load(name: str, path: str) -> str:
         await run_in_threadpool(session.check_new, path)

@@ -287,7 +287,8 @@ def create_app(session, max_input_tokens: int | None = None, default_max_tokens:
 
         from .metrics import FORMAT, exposition
 
-        text = exposition(generator.requests, engine.stats, engine.pending.qsize(), len(session.entries))
+        text = exposition(generator.requests, engine.stats, engine.generating, engine.pending.qsize(),
+                          len(session.entries))
         return Response(text, media_type=FORMAT)
 
     @app.post("/v1/chat/completions")

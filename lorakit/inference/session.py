@@ -111,7 +111,7 @@ class Session:
         self.model.eval()
         return ident
 
-    # --- adapters that come and go while serving (live.py): run on the engine's thread, between batches ---
+    # --- adapters that come and go while serving (live.py): run on the engine's thread, between forward passes ---
 
     def check_new(self, path: str) -> None:
         """Refuse, before anything loads, an adapter this session cannot take (LorakitError, or FileNotFoundError
@@ -159,7 +159,7 @@ class Session:
 
     def collect(self):
         """Delete the replaced and removed adapters no row holds any more; returns the model to generate with (the
-        engine calls this between batches). With the last adapter gone, the bare base is served again."""
+        engine calls this between forward passes). With the last adapter gone, the bare base is served again."""
         with self._lock:
             done = [ident for ident in self._retired if self._held[ident] <= 0]
             self._retired.difference_update(done)
