@@ -15,6 +15,12 @@ def is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def is_local_main() -> bool:
+    """Rank 0 of this machine (torchrun's LOCAL_RANK), or the only process: the one that prepares what each
+    machine needs on its own disk."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
 def say(message: str) -> None:
     """One line for the user, on stderr: from rank 0 only when several processes train together."""
     if is_main():

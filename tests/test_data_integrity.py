@@ -186,6 +186,21 @@ def test_a_wait_for_the_lock_says_who_holds_it(work, tokenizer):
     assert prepare(recipe, tokenizer).stats["rows"] > 0
 
 
+def test_on_a_cache_folder_machines_share_only_this_machines_dead_preparations_are_swept(work, tokenizer):
+    """A preparation's folder carries its PID and host: another machine's PID says nothing here, so its work in
+    progress stays while this machine's killed ones go."""
+    from lorakit.system.processes import HOST
+
+    root = cache.open_root(work / "cache")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, theirs = root / f".k.partial-{dead.pid}@{HOST}", root / f".k.partial-{dead.pid}@node-7.cluster"
+    mine.mkdir(), theirs.mkdir()
+    write_jsonl(work / "docs.jsonl", _docs(5))
+    assert prepare(_recipe(work, work / "docs.jsonl"), tokenizer).stats["rows"] > 0
+    assert not mine.exists() and theirs.is_dir()
+
+
 @pytest.mark.parametrize("case, message", [
     ("zst-truncated", "truncated or empty file"),
     ("gz-truncated", "Compressed file ended"),

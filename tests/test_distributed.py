@@ -57,6 +57,98 @@ def test_two_processes_train_like_one_with_the_same_global_batch(work, corpus, t
     assert tokens[-1]["tokens"] == single_tokens[-1]["tokens"]  # the count covers both processes
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nodes(folders, recipe: str, port: int, *extra) -> list[subprocess.Popen]:
+    """One torchrun per "machine": each in its own working folder, meeting over loopback (static rendezvous)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(folders)),
+                              "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                              "--master_port", str(port), "-m", "lorakit", "train", recipe, *extra],
+                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+            for rank, folder in enumerate(folders)]
+
+
+def _files(folder) -> list:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_two_machines_with_their_own_disks_train_like_one_process(tmp_path, corpus, tiny_base):
+    """torchrun --nnodes 2 over loopback, each node in its own folder with its own data cache: each node prepares
+    its own data (none waits for a folder the other writes), node 0 alone writes the adapter, and the loss curve
+    is one process's with the same global batch."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+        write_recipe(folder / "r.yaml", RECIPE.format(model=tiny_base, name="two", data=corpus, batch=1)
+                     .replace("max_length: 16}", "max_length: 16, cache_dir: cache}"))
+    nodes = _nodes(folders, "r.yaml", _free_port())
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert "world size 2: global batch 1 rows x 1 accumulation x 2 processes = 2 rows per step (ddp)" in outputs[0][1]
+    assert [sum(p.is_dir() for p in (f / "cache").iterdir()) for f in folders] == [1, 1]  # each node's own entry
+    assert (folders[0] / "adapters" / "two" / "adapter_model.safetensors").is_file()
+    assert _files(folders[1] / "adapters") == []  # global rank 0 alone wrote; node 1's checkpoints went at the end
+    single = folders[0] / "one.yaml"
+    write_recipe(single, RECIPE.format(model=tiny_base, name="one", data=corpus, batch=2))
+    assert _run(folders[0], "train", single).returncode == 0
+    two, one = _losses(folders[0] / "adapters" / "two"), _losses(folders[0] / "adapters" / "one")
+    assert len(two) == len(one) == 12 and max(abs(a - b) for a, b in zip(two, one)) < 0.05, (two, one)
+    a = load_file(folders[0] / "adapters" / "two" / "adapter_model.safetensors")
+    b = load_file(folders[0] / "adapters" / "one" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=2e-3) for k in a)
+
+
+def test_a_machine_that_dies_ends_the_run_in_one_line_and_both_resume_from_their_own_disks(tmp_path, corpus, tiny_base):
+    """Node 1 killed outright after its first checkpoint: node 0 ends with one line and writes no adapter; both
+    nodes started again with --resume go on from the checkpoint each kept on its own disk, to the curve and the
+    adapter of one uninterrupted process."""
+    import time
+
+    import psutil
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    recipe = RECIPE.replace("max_steps: 12", "max_steps: 200").replace("save_steps: 0", "save_steps: 10")
+    for folder in folders:
+        folder.mkdir()
+        write_recipe(folder / "r.yaml", recipe.format(model=tiny_base, name="two", data=corpus, batch=1)
+                     .replace("max_length: 16}", "max_length: 16, cache_dir: cache}"))
+    nodes = _nodes(folders, "r.yaml", _free_port())
+    kept = folders[1] / "adapters" / ".two.run" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not kept.is_file():  # node 1's own copy of the checkpoint
+        assert nodes[1].poll() is None and time.time() < deadline, nodes[1].communicate()[1][-3000:]
+        time.sleep(0.01)
+    machine = psutil.Process(nodes[1].pid)
+    for process in [machine, *machine.children(recursive=True)]:  # torchrun and its worker (a session of its own)
+        process.kill()
+    nodes[1].wait()
+    _, err = nodes[0].communicate(timeout=300)
+    said = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert nodes[0].returncode != 0 and len(said) == 1, err[-3000:]
+    assert "another process of this run stopped answering at step" in said[0] and "--resume" in said[0]
+    assert not (folders[0] / "adapters" / "two").exists()  # nothing half written
+    again = _nodes(folders, "r.yaml", _free_port(), "--resume")
+    outputs = [node.communicate(timeout=600) for node in again]
+    assert [node.returncode for node in again] == [0, 0], [e[-3000:] for _, e in outputs]
+    assert "resuming from" in outputs[0][1]
+    write_recipe(folders[0] / "one.yaml", recipe.format(model=tiny_base, name="one", data=corpus, batch=2))
+    assert _run(folders[0], "train", folders[0] / "one.yaml").returncode == 0
+    two, one = _losses(folders[0] / "adapters" / "two"), _losses(folders[0] / "adapters" / "one")
+    assert len(two) == len(one) == 200 and max(abs(a - b) for a, b in zip(two, one)) < 0.05, (two, one)
+    a = load_file(folders[0] / "adapters" / "two" / "adapter_model.safetensors")
+    b = load_file(folders[0] / "adapters" / "one" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=2e-3) for k in a)
+    assert _files(folders[1] / "adapters") == []
+
+
 def test_a_run_that_asked_for_two_processes_but_got_one_is_refused(work, corpus, tiny_base):
     recipe = write_recipe(work / "r.yaml", RECIPE.format(model=tiny_base, name="r", data=corpus, batch=1))
     result = _run(work, "train", recipe, env={"LORAKIT_EXPECTED_WORLD_SIZE": "2"})

@@ -61,11 +61,11 @@ def test_train_checks_the_recipe_before_loading_the_stack(work):
 
 
 def test_a_loss_line_of_one_logged_step_is_not_a_trend():
-    from lorakit.training.run import _loss_line
+    from lorakit.training.progress import loss_line
 
-    one = _loss_line({"first_loss": 7.3009, "final_loss": 7.3009, "steps": 1, "tokens_per_s": 10}, 1, 2, 5)
+    one = loss_line({"first_loss": 7.3009, "final_loss": 7.3009, "steps": 1, "tokens_per_s": 10}, 1, 2, 5)
     assert "->" not in one and "the only logged step" in one and "train.logging_steps is 5" in one
-    two = _loss_line({"first_loss": 7.3, "final_loss": 2.1, "steps": 4, "tokens_per_s": 10}, 4, 4, 1)
+    two = loss_line({"first_loss": 7.3, "final_loss": 2.1, "steps": 4, "tokens_per_s": 10}, 4, 4, 1)
     assert two.startswith("loss 7.3000 -> 2.1000 in 4 steps")
 
 

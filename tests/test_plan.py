@@ -1,5 +1,7 @@
 """`lorakit plan`: the peak memory of a run, part by part, from the config alone."""
 
+import re
+
 from conftest import lorakit, write_recipe
 
 import lorakit.training.plan as plan_module
@@ -57,3 +59,27 @@ def test_train_warns_when_the_plan_exceeds_free_memory(work, corpus, tiny_base, 
                                            f"train: {{max_steps: 1}}\n")
     result = lorakit("train", recipe)
     assert "warning: this run is planned to peak at" in result.stderr and "lorakit plan" in result.stderr
+
+
+def test_plan_per_process_shards_weights_and_optimizer_under_fsdp_and_zero3(work, corpus):
+    """`lorakit plan --nproc N`: each process's peak under ddp (all of it, plus gradient buckets) and under
+    fsdp/zero3 (weights, gradients and AdamW state divided among the processes), and which fit a budget."""
+    from transformers import Qwen2Config
+
+    from lorakit.demo.tiny import QWEN2_0_5B_SHAPE
+
+    Qwen2Config(**QWEN2_0_5B_SHAPE, tie_word_embeddings=True).save_pretrained(work / "qwen2-0.5b")
+    recipe = write_recipe(work / "r.yaml", f"stage: cpt\nmodel: {work / 'qwen2-0.5b'}\nmethod: full\n"
+                                           f"data: {{path: {corpus}, max_length: 512}}\ntrain: {{dtype: bf16}}\n")
+    figures = {}
+    for nproc in (2, 8):
+        out = lorakit("plan", recipe, "--device", "cuda", "--nproc", str(nproc)).stdout
+        figures[nproc] = {m[1]: float(m[2]) for m in re.finditer(r"^  (ddp|fsdp|zero3) .* ([\d.]+) GiB", out, re.M)}
+        assert sorted(figures[nproc]) == ["ddp", "fsdp", "zero3"], out
+    assert figures[2]["ddp"] == figures[8]["ddp"]  # every process holds everything, however many there are
+    assert figures[8]["fsdp"] < figures[2]["fsdp"] < figures[2]["ddp"] and figures[8]["fsdp"] == figures[8]["zero3"]
+    # full fine-tune, bf16: 16 bytes per parameter (fp32 weights, bf16 copy, gradient, AdamW) less the shared parts
+    assert figures[2]["ddp"] - figures[2]["fsdp"] > 3  # GiB: half of ~7 GiB of sharded state, minus what is gathered
+    budget = (figures[8]["fsdp"] + figures[8]["ddp"]) / 2
+    out = lorakit("plan", recipe, "--device", "cuda", "--nproc", "8", "--budget", f"{budget:.2f}GB").stdout
+    assert f"budget {budget:.2f} GiB per process: fits with train.strategy fsdp, zero3; not with ddp" in out, out

@@ -104,13 +104,15 @@ def preview(recipe, overrides, examples):
 @recipe_arguments
 @click.option("--budget", help="Memory to fit in, like 8GB: also report the largest batch and sequence that fit.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Plan for this device (default: this machine's).")
-def plan(recipe, overrides, budget, device):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes (GPUs) of the run: also each one's peak under ddp, fsdp and zero3.")
+def plan(recipe, overrides, budget, device, nproc):
     """Expected peak memory of a RECIPE's run, part by part, without loading the model."""
     from ..training.plan import format_plan, parse_size
     from ..training.plan import plan as make_plan
 
     r = load(recipe, overrides)
-    click.echo(format_plan(recipe, r, make_plan(r, parse_size(budget) if budget else None, device)))
+    click.echo(format_plan(recipe, r, make_plan(r, parse_size(budget) if budget else None, device, nproc)))
 
 
 COMMANDS = [train, validate, preview, plan]

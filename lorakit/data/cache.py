@@ -2,10 +2,14 @@
 
     <data.cache_dir>/                    default: $XDG_CACHE_HOME/lorakit/data (~/.cache/lorakit/data)
       <key>/                             one entry: train.arrow, eval.arrow (if any), meta.json
-      .<key>.partial-<pid>/              an entry being prepared; renamed into place when complete, so a
+      .<key>.partial-<pid>@<host>/       an entry being prepared; renamed into place when complete, so a
                                          killed preparation leaves nothing a later run would trust
-      <key>.lock                         held while one process prepares (its PID inside); the others say who
-                                         they wait for, wait, then read
+      <key>.lock                         held while one process prepares (its PID@HOST inside); the others say
+                                         who they wait for, wait, then read
+
+In a run over several machines, each machine's local rank 0 prepares the entry on its own disk (or, where the
+cache folder is shared, one of them does while the others wait for the lock) and the machine's other ranks wait
+for it: no rank ever waits for a file another machine writes.
 
 meta.json is written last and records the size and checksum of every Arrow file: an entry that does not
 match (a flipped bit, a truncated file, a missing meta.json) is named in one line and prepared again.
@@ -31,14 +35,14 @@ from pathlib import Path
 from ..errors import LorakitError, first_line
 from ..log import is_main, say
 from ..system import cache_home
-from ..system.processes import dead_writers
+from ..system.processes import HOST, dead_writers, writer
 
 FORMAT = 2
 """The layout of prepared rows; raised whenever it changes, so older entries are never read.
 2: meta.json carries each Arrow file's checksum (and the data fingerprint counts lengths)."""
 META = "meta.json"
 WAIT_S = 0.5
-PARTIAL = re.compile(r"^\..+\.(partial|damaged)-(?P<pid>\d+)$")
+PARTIAL = re.compile(r"^\..+\.(partial|damaged)-(?P<pid>\d+)(?:@(?P<host>[\w.-]+))?$")
 
 
 def default_dir() -> Path:
@@ -112,7 +116,7 @@ def entry(root: Path, key: str) -> Path | None:
 def discard(folder: Path, why: str) -> None:
     """Set a damaged or incomplete entry aside (one rename) and remove it, saying why."""
     say(f"data: the cache entry {folder} is damaged ({why}); preparing it again")
-    trash = folder.parent / f".{folder.name}.damaged-{os.getpid()}"
+    trash = folder.parent / f".{folder.name}.damaged-{writer()}"
     with contextlib.suppress(FileNotFoundError):
         folder.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -148,7 +152,7 @@ def preparing(root: Path, key: str) -> Iterator[Path | None]:
                 return
             if (root / key).exists():  # a folder without meta.json: not ours to trust
                 discard(root / key, f"no {META}")
-            partial = root / f".{key}.partial-{os.getpid()}"
+            partial = root / f".{key}.partial-{writer()}"
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
             try:
@@ -173,28 +177,32 @@ def _lock(lock, target: Path) -> None:
         fcntl.lockf(lock, fcntl.LOCK_EX)
     lock.seek(0)
     lock.truncate()
-    lock.write(str(os.getpid()))
+    lock.write(writer())
     lock.flush()
 
 
 def _command(pid: str) -> str:
     try:
-        words = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+        number, _, host = pid.partition("@")
+        if host not in ("", HOST):
+            return f" on {host}"
+        words = Path(f"/proc/{int(number)}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return ""
     return f" ({' '.join(w.decode(errors='replace') for w in words if w)[:120]})"
 
 
 def wait_for(root: Path, key: str, timeout_s: float = 24 * 3600) -> Path:
-    """Ranks other than 0 of a distributed run: wait for rank 0's entry instead of preparing it again
-    (torchrun ends every rank if rank 0 fails)."""
+    """The ranks of a distributed run other than their machine's local rank 0: wait for its entry instead of
+    preparing it again (torchrun ends every rank if one fails)."""
     said, start = False, time.monotonic()
     while (found := entry(root, key)) is None or damage(found) is not None:
         if not said:
-            print(f"rank {os.environ.get('RANK')}: waiting for rank 0 to prepare the data", flush=True)
+            print(f"rank {os.environ.get('RANK')}: waiting for this machine's local rank 0 to prepare the data",
+                  flush=True)
             said = True
         if time.monotonic() - start > timeout_s:
-            raise LorakitError(f"waited {timeout_s:.0f} s for rank 0 to prepare the data in {root / key}")
+            raise LorakitError(f"waited {timeout_s:.0f} s for local rank 0 to prepare the data in {root / key}")
         time.sleep(WAIT_S)
     return found
 

@@ -7,7 +7,7 @@ manifest report.
 
 Memory stays flat in the corpus size: records and rows are written to disk as they are made, and
 training reads rows from the memory-mapped file. A second run on the same data reads the entry
-without tokenizing again; under torchrun, rank 0 prepares and the other ranks wait and read it.
+without tokenizing again; under torchrun, each machine's local rank 0 prepares it and the other ranks wait and read it.
 `data.streaming: true` skips the cache: rows are made on the fly while training reads them.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LorakitError
-from ..log import is_main, say
+from ..log import is_local_main, is_main, say
 from ..recipe import Recipe
 from ..stages import stage as stage_of
 from ..system.processes import children_die_with_me
@@ -69,8 +69,10 @@ def prepare(recipe: Recipe, tokenizer) -> Prepared:
 
 
 def _entry(root: Path, key: str, build) -> Path:
-    """The cache entry for `key`: found (and whole), waited for (ranks other than 0), or built now."""
-    if not is_main():  # rank 0 prepares (or repairs) it; wait_for takes only a whole entry
+    """The cache entry for `key`: found (and whole), waited for (ranks other than their machine's first), or built
+    now. Each machine's local rank 0 prepares (or repairs) it on that machine's disk, so a run over machines
+    without a shared filesystem never waits for a folder another machine writes; wait_for takes only a whole entry."""
+    if not is_local_main():
         return cache.wait_for(root, key)
     found = cache.entry(root, key)
     if found is not None:

@@ -1,11 +1,20 @@
-"""Folders named after the process that writes them (`.NAME.partial-PID`), and whether that process
-still lives: what lets a later run remove the leftovers of a killed one, and never a live writer's."""
+"""Folders named after the process that writes them (`.NAME.partial-PID@HOST`), and whether that process
+still lives: what lets a later run remove the leftovers of a killed one, and never a live writer's, even on a
+folder that several machines share (another machine's PIDs say nothing here: its leftovers are left alone)."""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+def writer() -> str:
+    """This process, as folder names and lock files carry it: PID@HOST."""
+    return f"{os.getpid()}@{HOST}"
 
 
 def alive(pid: int) -> bool:
@@ -19,13 +28,16 @@ def alive(pid: int) -> bool:
 
 
 def dead_writers(folder: Path, pattern: re.Pattern) -> list[Path]:
-    """Folders under `folder` whose name matches `pattern` (with a `pid` group) and whose writer is gone."""
+    """Folders under `folder` whose name matches `pattern` (with a `pid` group, and an optional `host` one) and
+    whose writer, a process of this machine, is gone."""
     if not folder.is_dir():
         return []
     found = []
     for path in folder.iterdir():
         match = pattern.match(path.name)
-        if match and path.is_dir() and int(match["pid"]) != os.getpid() and not alive(int(match["pid"])):
+        if not match or match.groupdict().get("host") not in (None, HOST):
+            continue
+        if path.is_dir() and int(match["pid"]) != os.getpid() and not alive(int(match["pid"])):
             found.append(path)
     return sorted(found)
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import torch
 
-from ..errors import LorakitError
+from ..errors import LorakitError, first_line
+from ..log import is_main
 
 EXPECTED = "LORAKIT_EXPECTED_WORLD_SIZE"
 
@@ -91,6 +95,56 @@ def check_engine(trainer, strategy: str) -> None:
     wanted = "deepspeed" if strategy.startswith("zero") else strategy
     if running != wanted:
         raise LorakitError(f"train.strategy {strategy} was asked for, but the Trainer set up {running}")
+
+
+def storage_shared(folder: Path) -> bool:
+    """Whether every process of the run sees `folder` on one filesystem (always, on one machine): rank 0 leaves a
+    file there and the others look for it. Where machines have disks of their own, each keeps the checkpoints it
+    resumes from (the Trainer's save_on_each_node); on a shared one, only rank 0 writes them."""
+    if world_size() == 1 or int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) == world_size():
+        return True
+    import torch.distributed as dist
+
+    token = [uuid.uuid4().hex if is_main() else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = folder / f".lorakit-probe-{token[0]}"
+    if is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    dist.barrier()
+    seen = [None] * world_size()
+    dist.all_gather_object(seen, probe.exists())
+    dist.barrier()
+    if is_main():
+        probe.unlink(missing_ok=True)
+    return all(seen)
+
+
+def check_same_checkpoint(checkpoint: Path | None) -> None:
+    """Every process resumes from the same step: a machine that lacks rank 0's checkpoint (its disk lost, or a run
+    started before lorakit kept checkpoints on each machine) is named instead of training on from step 0."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return
+    steps = [None] * world_size()
+    torch.distributed.all_gather_object(steps, checkpoint.name if checkpoint else None)
+    if len(set(steps)) != 1:
+        found = ", ".join(f"rank {rank}: {step or 'none'}" for rank, step in enumerate(steps))
+        raise LorakitError(f"--resume: the processes found different checkpoints ({found}); every machine needs the "
+                           f"same checkpoint in its run folder (copy rank 0's there, or start again)")
+
+
+def lost_process(exc: BaseException, step: int, last: Path | None) -> LorakitError | None:
+    """A training error that is the process group losing a member (a machine that died, a killed rank; gloo and
+    NCCL raise it in the collective that waited for it) as one line saying how to go on; None for any other."""
+    text = str(exc)
+    if world_size() == 1 or not (isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+            sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))):
+        return None
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc)).split(". ")[0]  # gloo's source location dropped
+    return LorakitError(f"another process of this run stopped answering at step {step} (a machine or process died: "
+                        f"{cause[:160]}); nothing was written. " + (
+                            f"The last checkpoint is {last}: start every machine again with --resume" if last else
+                            "No checkpoint was written yet: start again"))
 
 
 def check_ranks_agree(model) -> str | None:

@@ -39,6 +39,8 @@ class Job:
     dtype: torch.dtype
     quantization: Quantization | None = None
     checkpoint: Path | None = None
+    storage_shared: bool = True
+    """Whether every machine of the run sees the run folder on one filesystem (distributed.storage_shared)."""
     """Where --resume continues from; None for a fresh run."""
     run_id: str = ""
     reference_model: Any = None

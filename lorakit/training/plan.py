@@ -125,6 +125,27 @@ def total(parts: dict[str, float]) -> float:
     return sum(v for k, v in parts.items() if not k.startswith("_"))
 
 
+STRATEGIES = {"ddp": "every process holds the whole model",
+              "fsdp": "weights, gradients and AdamW state sharded; a layer gathered at a time",
+              "zero3": "DeepSpeed ZeRO-3: the same sharding"}
+
+
+def per_process(shape: Shape, parts: dict[str, float], nproc: int, method: str, dtype: torch.dtype) -> dict[str, float]:
+    """Each process's peak with `nproc` processes, each running the recipe's micro-batch, by train.strategy.
+
+    ddp: everything, plus its gradient buckets (a second copy of the trainable gradients, fp32). fsdp and zero3:
+    the weights (and a frozen reference), trainable parameters, gradients and AdamW state divided among the
+    processes; gathered while computing, the root unit's embeddings and two decoder layers (the one running and
+    the one prefetched). Arithmetic from the sharding, not measured: FSDP and DeepSpeed need GPUs (docs/cluster.md)."""
+    width = torch.finfo(dtype).bits // 8
+    sharded = parts["weights"] + parts["trainable"] + parts["gradients and AdamW state"] + parts["reference"]
+    layer = shape.block_linear_params / shape.layers * (0.53 if method == "qlora" else width)
+    gathered = shape.embedding_params * width + 2 * layer
+    ddp = total(parts) + parts["_trainable_params"] * 4
+    shard = total(parts) - sharded + sharded / nproc + gathered
+    return {"ddp": ddp, "fsdp": shard, "zero3": shard}
+
+
 def largest(fits, limit: int, step: int) -> int:
     """The largest multiple of `step` up to `limit` for which fits(value) holds, or 0 (fits grows monotone)."""
     best, value = 0, step
@@ -148,8 +169,9 @@ def _settings(recipe: Recipe, device: str) -> dict:
             "dora": recipe.lora.use_dora, "token_rows": len(recipe.lora.trainable_tokens)}
 
 
-def plan(recipe: Recipe, budget: float | None = None, device: str | None = None) -> dict:
-    """The recipe's estimated peak, its parts, and (with a budget in bytes) what fits."""
+def plan(recipe: Recipe, budget: float | None = None, device: str | None = None, nproc: int = 1) -> dict:
+    """The recipe's estimated peak, its parts, with `nproc` > 1 each process's under each strategy, and (with a
+    budget in bytes) what fits."""
     from ..weights.folders import base_of
     from ..weights.loading import load_config, resolve_device
 
@@ -166,6 +188,9 @@ def plan(recipe: Recipe, budget: float | None = None, device: str | None = None)
               "parts": parts, "total": total(parts),
               "total_without_checkpointing": total({**parts, "activations": parts["_activations_without"]}),
               "total_with_checkpointing": total({**parts, "activations": parts["_activations_with"]})}
+    if nproc > 1:
+        report["nproc"], report["per_process"] = nproc, per_process(shape, parts, nproc, recipe.method,
+                                                                    settings["dtype"])
     if budget:
         def peak(b, s, c):
             return total(estimate(shape, batch=b, seq=s, checkpointing=c, **settings))
@@ -195,9 +220,20 @@ def format_plan(name: str, recipe: Recipe, report: dict) -> str:
                  f"{'on' if recipe.train.gradient_checkpointing else 'off'})")
     lines.append(f"  {'without / with activation checkpointing':<42} {gib(report['total_without_checkpointing'])}"
                  f" / {report['total_with_checkpointing'] / GIB:.2f} GiB")
+    if "per_process" in report:
+        lines.append(f"per process, with {report['nproc']} processes ({report['batch']} row(s) each at once):")
+        for strategy, why in STRATEGIES.items():
+            marker = "  (the recipe's)" if strategy == recipe.train.strategy else ""
+            lines.append(f"  {strategy:<6} {why:<70} {gib(report['per_process'][strategy])}{marker}")
+    if "budget" in report and "per_process" in report:
+        fit = [s for s, peak in report["per_process"].items() if peak <= report["budget"]]
+        lines.append(f"budget {report['budget'] / GIB:.2f} GiB per process: "
+                     + (f"fits with train.strategy {', '.join(fit)}" if fit else "fits with no strategy")
+                     + (f"; not with {', '.join(s for s in STRATEGIES if s not in fit)}" if 0 < len(fit) < 3 else ""))
     if "budget" in report:
         fits = report["total"] <= report["budget"]
-        lines.append(f"budget {report['budget'] / GIB:.2f} GiB: {'fits' if fits else 'does NOT fit'}")
+        alone = " in one process" if "per_process" in report else ""
+        lines.append(f"budget {report['budget'] / GIB:.2f} GiB{alone}: {'fits' if fits else 'does NOT fit'}")
         for c in (False, True):
             how = "with" if c else "without"
             lines.append(f"  {how} checkpointing: at most {report['largest_batch'][c]} rows of {report['seq']} "

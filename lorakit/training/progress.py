@@ -160,3 +160,14 @@ def plot_loss(history: list[dict], out: Path, title: str, evals: list[dict] = ()
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def loss_line(summary: dict, logged: int, steps: int, every: int) -> str:
+    """The run's loss in one line; one logged step is no trend, so it is not written as one."""
+    speed = f"{summary.get('tokens_per_s')} tokens/s"
+    if logged == 0:
+        return f"{steps} steps, no loss logged (train.logging_steps is {every})"
+    if logged == 1:
+        return (f"loss {summary['final_loss']:.4f} at step {summary['steps']} of {steps} (the only logged step: "
+                f"train.logging_steps is {every}), {speed}")
+    return f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {steps} steps, {speed}"

@@ -16,7 +16,7 @@ from .. import __version__
 from ..data.prepare import Prepared, prepare
 from ..data.template import is_chat_model, reasoning_block, template_check
 from ..errors import Interrupted, LorakitError
-from ..log import is_main, say
+from ..log import is_local_main, is_main, say
 from ..recipe import Recipe
 from ..stages import stage as stage_of
 from ..system.allocator import keep_freed_memory
@@ -70,10 +70,17 @@ from .checkpoints import (
     run_folder,
     stop_on_signals,
 )
-from .distributed import check_ranks_agree, check_world, local_device, world_size
+from .distributed import (
+    check_ranks_agree,
+    check_same_checkpoint,
+    check_world,
+    local_device,
+    lost_process,
+    world_size,
+)
 from .job import Job, RunOptions
 from .preference import reference_copy
-from .progress import plot_loss
+from .progress import loss_line, plot_loss
 from .reference import with_reference
 from .trainer import build_trainer, micro_batch
 
@@ -93,7 +100,10 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> Path:
     if not is_main():  # other ranks of a distributed run train along; rank 0 checks and owns the output
         job = _job(recipe, options, model_name)
         job.checkpoint = latest_checkpoint(run_folder(out)) if options.resume else None
-        return _run(job)
+        result = _run(job)
+        if is_local_main() and not job.storage_shared:  # this machine's own checkpoints, kept for a resume until now
+            remove_folder(run_folder(out))
+        return result
     with output_lock(out):
         check_run_folder(out, recipe.to_dict(), options.resume)
         check_output(out, overwrite=options.overwrite, inputs=_inputs(recipe, options, model_name))
@@ -246,6 +256,7 @@ def _build_model(job: Job):
 def _train(job: Job, model) -> dict:
     stop = StopRequest()
     trainer, progress = build_trainer(model, job, stop)
+    check_same_checkpoint(job.checkpoint)
     if job.checkpoint:
         say(f"resuming from {job.checkpoint}")
     if "tensorboard" in job.recipe.train.report_to:
@@ -262,6 +273,8 @@ def _train(job: Job, model) -> dict:
         raise NonFiniteLoss(f"{exc}: training stopped before using it. " + (
             f"The last good checkpoint is {last}: resume with --resume and a lower train.lr" if last else
             "No checkpoint was written yet: lower train.lr and start again")) from None
+    except RuntimeError as exc:  # a machine of a distributed run died: one line, not the collective's traceback
+        raise (lost_process(exc, trainer.state.global_step, latest_checkpoint(job.run_folder)) or exc) from None
     except OSError as exc:  # a checkpoint that did not fit on the disk, or a folder that went away
         drop_incomplete_checkpoints(job.run_folder)
         last = latest_checkpoint(job.run_folder)
@@ -279,19 +292,8 @@ def _train(job: Job, model) -> dict:
         if not progress.evals or progress.evals[-1]["step"] != trainer.state.global_step:
             trainer.evaluate()  # the final figures, unless the schedule just evaluated
         summary.update({k: v for k, v in progress.evals[-1].items() if k != "step"})
-    say(_loss_line(summary, len(progress.history), trainer.state.global_step, job.recipe.train.logging_steps))
+    say(loss_line(summary, len(progress.history), trainer.state.global_step, job.recipe.train.logging_steps))
     return {**summary, "history": progress.history, "evals": progress.evals}
-
-
-def _loss_line(summary: dict, logged: int, steps: int, every: int) -> str:
-    """The run's loss in one line; one logged step is no trend, so it is not written as one."""
-    speed = f"{summary.get('tokens_per_s')} tokens/s"
-    if logged == 0:
-        return f"{steps} steps, no loss logged (train.logging_steps is {every})"
-    if logged == 1:
-        return (f"loss {summary['final_loss']:.4f} at step {summary['steps']} of {steps} (the only logged step: "
-                f"train.logging_steps is {every}), {speed}")
-    return f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {steps} steps, {speed}"
 
 
 def _publish(job: Job, model, manifest: Manifest, summary: dict) -> Path:

@@ -10,7 +10,7 @@ from ..data.blocks import Collator
 from ..recipe import Recipe
 from ..stages import stage as stage_of
 from .checkpoints import NonFiniteLoss, StopRequest
-from .distributed import check_engine, trainer_options
+from .distributed import check_engine, storage_shared, trainer_options
 from .job import Job
 from .loss import install, make_loss, output_head, remove
 from .preference import PreferenceStep
@@ -126,6 +126,9 @@ def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, Progress
         report_to=t.report_to, disable_tqdm=True, remove_unused_columns=False,
         dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),
     )
+    args.device  # noqa: B018  (sets up the process group, which storage_shared talks through)
+    job.storage_shared = storage_shared(run_dir.parent)
+    args.save_on_each_node = not job.storage_shared
     collator = Collator(job.tokenizer.pad_token_id)
     stage = stage_of(recipe.stage)
     progress = ProgressCallback(run_dir / "metrics.jsonl", collator, stop, stage.preference)
