@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,38 @@ def test_a_machine_that_dies_ends_the_run_in_one_line_and_both_resume_from_their
     b = load_file(folders[0] / "adapters" / "one" / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=2e-3) for k in a)
     assert _files(folders[1] / "adapters") == []
+
+
+def test_lorakits_fsdp_settings_shard_and_train_like_one_process(tmp_path, tiny_base):
+    """accelerate runs FSDP only on GPUs, so lorakit's FSDP settings (training.sharding.fsdp_config, the very dict
+    the Trainer gets) are applied here with torch's fully_shard over gloo on 2 CPU processes: every decoder layer
+    is a unit holding its frozen base weights and its LoRA, both sharded; the loss curve is one process's within
+    1e-3; the full state dict gathered for saving is an adapter plain peft loads, with one process's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    worker = Path(__file__).parent / "fsdp_worker.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, str(worker), str(tiny_base), str(tmp_path / name)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    layers = AutoModelForCausalLM.from_pretrained(tiny_base).config.num_hidden_layers
+    assert sorted(two["units"]) == ["FSDPPeftModel"] + ["FSDPQwen2DecoderLayer"] * layers
+    assert two["trainable_sharded"] and two["frozen_sharded"] and two["frozen_still_frozen"] > 0
+    assert one["losses"][-1] < one["losses"][0] - 1  # it trained
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-3, (one, two)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    logits = []
+    for name in ("one", "two"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / name)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_base)(ids).logits
+    assert (logits[0] - base).abs().max() > 0.1  # the adapter changes the answer...
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)  # ...and the sharded run's is the same adapter
 
 
 def test_a_run_that_asked_for_two_processes_but_got_one_is_refused(work, corpus, tiny_base):

@@ -71,15 +71,16 @@ def check_strategy(strategy: str, device: str) -> None:
         raise LorakitError(f"train.strategy {strategy} needs DeepSpeed: pip install deepspeed")
 
 
-def trainer_options(strategy: str, device: str) -> dict:
+def trainer_options(strategy: str, device: str, model) -> dict:
     """TrainingArguments for the strategy; nothing at all for a single process."""
     if world_size() == 1:
         return {}
     check_strategy(strategy, device)
     options = {"ddp_backend": "nccl" if device.startswith("cuda") else "gloo", "ddp_find_unused_parameters": False}
     if strategy == "fsdp":
-        options.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True,
-                                                                "cpu_ram_efficient_loading": True})
+        from .sharding import fsdp_config
+
+        options.update(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config(model))
     elif strategy.startswith("zero"):
         options["deepspeed"] = {"zero_optimization": {"stage": int(strategy[-1])}, "bf16": {"enabled": "auto"},
                                 "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",

@@ -124,7 +124,7 @@ def build_trainer(model, job: Job, stop: StopRequest) -> tuple[Trainer, Progress
         save_strategy="steps", save_steps=t.save_steps or FINAL_ONLY,
         save_total_limit=t.keep_checkpoints, logging_nan_inf_filter=False,
         report_to=t.report_to, disable_tqdm=True, remove_unused_columns=False,
-        dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device),
+        dataloader_pin_memory=device.startswith("cuda"), **trainer_options(t.strategy, device, model),
     )
     args.device  # noqa: B018  (sets up the process group, which storage_shared talks through)
     job.storage_shared = storage_shared(run_dir.parent)
