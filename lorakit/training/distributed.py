@@ -64,9 +64,10 @@ def check_world() -> None:
 
 def check_strategy(strategy: str, device: str) -> None:
     """Refuse, before any process starts, a strategy this machine cannot run."""
-    if strategy != "ddp" and not device.startswith("cuda"):
-        # Measured here: with a CPU run the Trainer quietly drops the FSDP settings and trains plain DDP.
-        raise LorakitError(f"train.strategy {strategy} needs GPUs; on CPUs use strategy: ddp")
+    if strategy == "fsdp" and not device.startswith("cuda"):
+        # Measured here: accelerate 1.15 turns FSDP on only for GPU devices; on CPU ranks the Trainer quietly drops
+        # the FSDP settings and trains plain DDP. (DeepSpeed's CPU accelerator does run ZeRO-2 and ZeRO-3 over gloo.)
+        raise LorakitError(f"train.strategy {strategy} needs GPUs; on CPUs use strategy: ddp, zero2 or zero3")
     if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise LorakitError(f"train.strategy {strategy} needs DeepSpeed: pip install deepspeed")
 
@@ -82,7 +83,10 @@ def trainer_options(strategy: str, device: str, model) -> dict:
 
         options.update(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config(model))
     elif strategy.startswith("zero"):
-        options["deepspeed"] = {"zero_optimization": {"stage": int(strategy[-1])}, "bf16": {"enabled": "auto"},
+        # ZeRO-3 partitions every weight: gathered into whole 16-bit tensors when the model is saved
+        zero = {"stage": int(strategy[-1]), **({"stage3_gather_16bit_weights_on_model_save": True}
+                                              if strategy == "zero3" else {})}
+        options["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"},
                                 "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     return options

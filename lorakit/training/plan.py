@@ -136,7 +136,7 @@ def per_process(shape: Shape, parts: dict[str, float], nproc: int, method: str, 
     ddp: everything, plus its gradient buckets (a second copy of the trainable gradients, fp32). fsdp and zero3:
     the weights (and a frozen reference), trainable parameters, gradients and AdamW state divided among the
     processes; gathered while computing, the root unit's embeddings and two decoder layers (the one running and
-    the one prefetched). Arithmetic from the sharding, not measured: FSDP and DeepSpeed need GPUs (docs/cluster.md)."""
+    the one prefetched). Arithmetic from the sharding, not measured (no GPU here; docs/distributed.md)."""
     width = torch.finfo(dtype).bits // 8
     sharded = parts["weights"] + parts["trainable"] + parts["gradients and AdamW state"] + parts["reference"]
     layer = shape.block_linear_params / shape.layers * (0.53 if method == "qlora" else width)

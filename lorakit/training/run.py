@@ -82,6 +82,7 @@ from .job import Job, RunOptions
 from .preference import reference_copy
 from .progress import loss_line, plot_loss
 from .reference import with_reference
+from .sharding import unpartition
 from .trainer import build_trainer, micro_batch
 
 __all__ = ["RunOptions", "run"]
@@ -268,6 +269,8 @@ def _train(job: Job, model) -> dict:
         give_every_layer_the_cast_switch(model)
         with stop_on_signals(stop), disable_input_dtype_casting(model, active=half):
             trainer.train(resume_from_checkpoint=str(job.checkpoint) if job.checkpoint else None)
+        if job.recipe.train.strategy == "zero3" and world_size() > 1 and not stop:
+            unpartition(trainer.model_wrapped, model)
     except NonFiniteLoss as exc:
         last = latest_checkpoint(job.run_folder)
         raise NonFiniteLoss(f"{exc}: training stopped before using it. " + (

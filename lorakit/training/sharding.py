@@ -60,3 +60,30 @@ def full_state_dict(model) -> dict:
     )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unpartition(engine, model) -> None:
+    """After ZeRO-3 training, where every process holds a partition of each weight: all processes gather the
+    weights one module at a time, and rank 0 keeps whole copies in place of the partitioned parameters (ties kept),
+    then DeepSpeed's hooks are removed, so rank 0 holds a plain model to probe and write (the others keep nothing).
+    Written here because DeepSpeed gathers weights only into its own checkpoint files or a 16-bit state dict, and
+    lorakit's save needs the trained model itself, to prove that the written adapter reproduces its logits."""
+    import deepspeed
+
+    from ..log import is_main
+
+    whole: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        own = [(name, p) for name, p in module.named_parameters(recurse=False) if hasattr(p, "ds_id")]
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            for name, p in own:
+                if is_main():
+                    if id(p) not in whole:
+                        whole[id(p)] = torch.nn.Parameter(p.data.detach().clone(), requires_grad=p.requires_grad)
+                    module._parameters[name] = whole[id(p)]
+    engine.destroy()  # DeepSpeed's fetch hooks off the modules
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # later loads (the reload check) are plain ones again
