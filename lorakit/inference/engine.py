@@ -126,6 +126,8 @@ class Engine:
 
     def _admit(self, arrived: list[Request]) -> None:
         """Prefill the arrived requests (by group) and let their rows join the running batches."""
+        if not arrived:  # the usual case between two tokens: nothing to do on this hot path
+            return
         from ..weights.variants import alone_in_a_batch
 
         alone = alone_in_a_batch(self.model)

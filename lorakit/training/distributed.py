@@ -117,8 +117,7 @@ def storage_shared(folder: Path) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
         probe.touch()
     dist.barrier()
-    seen = [None] * world_size()
-    dist.all_gather_object(seen, probe.exists())
+    seen = _every_rank(probe.exists())
     dist.barrier()
     if is_main():
         probe.unlink(missing_ok=True)
@@ -130,8 +129,7 @@ def check_same_checkpoint(checkpoint: Path | None) -> None:
     started before lorakit kept checkpoints on each machine) is named instead of training on from step 0."""
     if world_size() == 1 or not torch.distributed.is_initialized():
         return
-    steps = [None] * world_size()
-    torch.distributed.all_gather_object(steps, checkpoint.name if checkpoint else None)
+    steps = _every_rank(checkpoint.name if checkpoint else None)
     if len(set(steps)) != 1:
         found = ", ".join(f"rank {rank}: {step or 'none'}" for rank, step in enumerate(steps))
         raise LorakitError(f"--resume: the processes found different checkpoints ({found}); every machine needs the "
@@ -158,9 +156,15 @@ def check_ranks_agree(model) -> str | None:
         return None
     total = sum(p.detach().double().sum().item() + p.detach().double().abs().sum().item()
                 for p in model.parameters() if p.requires_grad)
-    sums = [None] * world_size()
-    torch.distributed.all_gather_object(sums, total)
+    sums = _every_rank(total)
     if len(set(sums)) != 1:
         raise LorakitError(f"the {world_size()} processes ended with different weights (checksums {sums}); "
                            f"nothing was saved")
     return f"{sums[0]:.10g}"
+
+
+def _every_rank(value) -> list:
+    """`value` as each process of the run has it, by rank (a collective: every process calls it)."""
+    values = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
