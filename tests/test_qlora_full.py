@@ -184,3 +184,27 @@ def test_a_full_chat_fine_tune_is_as_deployable_as_an_export(work, tiny_base):
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.generation_config.eos_token_id[0] == end and model.config.eos_token_id == end
     assert str(next(model.parameters()).dtype) == f"torch.{manifest['dtype']}"
+
+
+@pytest.mark.slow
+def test_a_4bit_base_for_fsdp_is_stored_in_the_compute_dtype_and_computes_the_same(tiny_base):
+    """FSDP shards flat tensors of one dtype: with strategy fsdp the 4-bit weights are packed into the compute dtype
+    (bnb_4bit_quant_storage, as LLaMA-Factory, axolotl and TRL set it) instead of uint8, and the model they make
+    computes what the uint8 one does."""
+    import bitsandbytes as bnb
+
+    from lorakit.recipe import DataSettings, Recipe, TrainSettings
+    from lorakit.weights.loading import load_model
+    from lorakit.weights.quant import quantization_for
+
+    logits, stored = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        recipe = Recipe(stage="cpt", data=DataSettings(path="unused"), model=str(tiny_base), method="qlora",
+                        train=TrainSettings(strategy=strategy))
+        quantization = quantization_for(recipe, torch.float32)
+        model = load_model(str(tiny_base), torch.float32, "cpu", quantization=quantization)
+        stored[strategy] = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        with torch.no_grad():
+            logits[strategy] = model(input_ids=PROBE).logits
+    assert stored == {"ddp": {torch.uint8}, "fsdp": {torch.float32}}
+    torch.testing.assert_close(logits["fsdp"], logits["ddp"], atol=1e-5, rtol=1e-5)
