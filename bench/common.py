@@ -95,6 +95,34 @@ def run_child(script: str, *args: str) -> dict:
     return json.loads(line[0][7:])
 
 
+def run_ranks(script: str, nproc: int, *args: str) -> list[dict]:
+    """`script --child ARGS` alone, or in `nproc` processes under torchrun (on a CPU each with its share of the
+    cores); returns what each process handed to `report`, by rank. Files, not stdout: two ranks' lines interleave."""
+    import os
+    import subprocess
+    import tempfile
+
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAKIT_BENCH_OUT": out}
+        if nproc > 1 and device() == "cpu":
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        proc = subprocess.run([sys.executable, *launcher, script, "--child", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        results = [json.loads(path.read_text()) for path in Path(out).glob("rank*.json")]
+    if proc.returncode != 0 or len(results) != nproc:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{nproc} process(es), {' '.join(args[-2:])}: failed")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def report(result: dict) -> None:
+    """A process of run_ranks hands back its figures (a dict with its `rank`)."""
+    import os
+
+    (Path(os.environ["LORAKIT_BENCH_OUT"]) / f"rank{result['rank']}.json").write_text(json.dumps(result))
+
+
 def device() -> str:
     import torch
 

@@ -18,22 +18,19 @@ training, counted from after the model was wrapped (torch.cuda.max_memory_alloca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import PEAK_KIND, ROOT, device, ensure_model, peak_memory_gib
+from common import PEAK_KIND, device, ensure_model, peak_memory_gib, report, run_ranks
 
 ROWS = 2
 
 
-def child(model_path: str, mode: str, seq: int, steps: int, out: str) -> None:
-    """One process: build, wrap (ddp or fsdp, under torchrun), train `steps` steps, write its figures to `out`."""
+def child(model_path: str, mode: str, seq: int, steps: int) -> None:
+    """One process: build, wrap (ddp or fsdp, under torchrun), train `steps` steps, report its figures."""
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -79,7 +76,7 @@ def child(model_path: str, mode: str, seq: int, steps: int, out: str) -> None:
     result = {"rank": rank, "peak_gib": max(loading_peak, training_peak()), "training_peak_gib": training_peak(),
               "tokens_per_s": ROWS * seq * (steps - 1) / seconds,
               "final_loss": losses[-1]}
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    report(result)
     if world > 1:
         dist.destroy_process_group()
 
@@ -113,19 +110,7 @@ def training_peak() -> float:
 
 
 def one(model, mode: str, seq: int, steps: int) -> list[dict]:
-    nproc = 1 if mode == "single" else 2
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if nproc > 1 and device() == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, *launcher, __file__, "--child", str(model), mode, str(seq), str(steps),
-                               out], cwd=ROOT, env=env, capture_output=True, text=True)
-        results = [json.loads(p.read_text()) for p in Path(out).glob("rank*.json")]
-    if proc.returncode != 0 or len(results) != nproc:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{mode}: failed")
-    return sorted(results, key=lambda r: r["rank"])
+    return run_ranks(__file__, 1 if mode == "single" else 2, str(model), mode, str(seq), str(steps))
 
 
 def main() -> None:
@@ -133,11 +118,11 @@ def main() -> None:
     parser.add_argument("--shape", default="0.5b")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--child", nargs=5)
+    parser.add_argument("--child", nargs=4)
     args = parser.parse_args()
     if args.child:
-        model, mode, seq, steps, out = args.child
-        return child(model, mode, int(seq), int(steps), out)
+        model, mode, seq, steps = args.child
+        return child(model, mode, int(seq), int(steps))
     model = ensure_model(args.shape)
     rows = []
     for mode, name in (("single", "1 process"), ("ddp", "2 processes, ddp"), ("fsdp", "2 processes, fsdp")):

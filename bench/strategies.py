@@ -16,10 +16,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 
-from common import PEAK_KIND, ROOT, cpt_recipe, device, ensure_model, peak_memory_gib
+from common import (
+    PEAK_KIND,
+    cpt_recipe,
+    device,
+    ensure_model,
+    peak_memory_gib,
+    report,
+    run_ranks,
+)
 
 
 def child(recipe: str, overrides: list[str]) -> None:
@@ -34,22 +41,12 @@ def child(recipe: str, overrides: list[str]) -> None:
         first, last = metrics[0], metrics[-1]
         result.update(tokens_per_s=(last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
                       final_loss=last["loss"])
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 def one(recipe, nproc: int, strategy: str, seq_batch: int) -> list[dict]:
-    overrides = [f"train.batch_size={seq_batch // nproc}", f"train.strategy={strategy}"]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if nproc > 1 and device() == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    proc = subprocess.run([sys.executable, *launcher, __file__, "--child", str(recipe), *overrides], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    results = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or len(results) != nproc:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{nproc} process(es), {strategy}: failed")
-    return sorted(results, key=lambda r: r["rank"])
+    return run_ranks(__file__, nproc, str(recipe), f"train.batch_size={seq_batch // nproc}",
+                     f"train.strategy={strategy}")
 
 
 def main() -> None:
