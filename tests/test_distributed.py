@@ -202,6 +202,19 @@ def test_a_run_that_asked_for_two_processes_but_got_one_is_refused(work, corpus,
     assert "2 processes were asked for, but this run has 1" in result.stderr.strip().splitlines()[-1]
 
 
+def test_bad_data_under_nproc_is_one_line_from_the_process_that_found_it_and_writes_nothing(work, tiny_base):
+    """torchrun's own report (the agent's SIGTERM notes, a ChildFailedError traceback and table) used to follow
+    lorakit's line."""
+    (work / "d.jsonl").write_text('{"text": "the Orbix lamp glows amber"}\n{"txt": "no text field"}\n')
+    recipe = write_recipe(work / "r.yaml", RECIPE.format(model=tiny_base, name="r", data=work / "d.jsonl", batch=1))
+    result = _run(work, "train", recipe, "--nproc", "2")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [f"error: {work / 'd.jsonl'} line 2: no `text` field (CPT records look like {{\"text\": \"...\"}})"]
+    assert "ChildFailedError" not in result.stderr and "SIGTERM" not in result.stderr
+    assert list(work.glob("adapters/**/*")) == []  # no adapter, no partial, no run folder
+
+
 def test_fsdp_on_cpus_is_refused_before_any_process_starts(work, corpus, tiny_base):
     recipe = write_recipe(work / "r.yaml", RECIPE.format(model=tiny_base, name="r", data=corpus, batch=1))
     result = lorakit("train", recipe, "--nproc", "2", "train.strategy=fsdp", expect=1)

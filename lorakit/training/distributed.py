@@ -1,8 +1,9 @@
 """Several processes through the established launcher (torchrun) and engines (DDP, FSDP, DeepSpeed
 through accelerate and the Trainer); lorakit only picks the right settings and checks the result.
 
-    lorakit train RECIPE --nproc 2      re-runs itself as `python -m torch.distributed.run
-                                        --nproc_per_node 2 -m lorakit train RECIPE`
+    lorakit train RECIPE --nproc 2      re-runs itself as `python -m lorakit.training.torchrun
+                                        --nproc_per_node 2 -m lorakit train RECIPE` (torchrun, quiet
+                                        after a process's own error line: training/torchrun.py)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     env = {**os.environ, EXPECTED: str(nproc)}
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # share the cores, not oversubscribe
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    command = [sys.executable, "-m", "lorakit.training.torchrun", "--nproc_per_node", str(nproc),
                "-m", "lorakit", *argv]
     return subprocess.call(command, env=env)
 
