@@ -149,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=["throughput", "mixed"], default="throughput")
     parser.add_argument("--old-code", help="a checkout of lorakit before the change measured (served with this venv)")
+    parser.add_argument("--old-label", help="what to call the old code in the table (default: the issue's before)")
     parser.add_argument("--vllm", help="vLLM's program or its environment's Python (as lorakit serve --vllm)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
@@ -159,7 +160,7 @@ def main() -> None:
     before, now = (("lorakit serve before issue 15 (one lock)", "lorakit serve (batched)") if args.workload == "throughput"
                    else ("lorakit serve before issue 24 (a batch runs to its end)", "lorakit serve (continuous batching)"))
     if args.old_code:
-        servers[before] = (str(Path(args.old_code).resolve()), [])
+        servers[args.old_label or before] = (str(Path(args.old_code).resolve()), [])
     servers[now] = (None, [])
     if args.vllm:
         servers["vLLM (CPU build) behind lorakit serve --engine vllm"] = (None, [

@@ -312,6 +312,24 @@ def test_models_can_be_read_one_by_one_and_the_api_pages_are_off(server):
         assert _get(f"{server}{page}")[0] == 404
 
 
+def test_a_base_request_on_the_server_leaves_the_sessions_adapters_working(server, session):
+    """The engine leaves peft's adapter layers as its last pass needed them (off, for the base), instead of switching
+    them at every token: whatever runs on the model next still gets the adapter it chose."""
+    import torch
+
+    from lorakit.inference.generate import Sampling, chat_reply
+
+    status, reply = _post(f"{server}/v1/chat/completions", {"model": "base", "temperature": 0, "max_tokens": 12,
+                                                           "messages": [{"role": "user", "content": QUESTION}]})
+    assert status == 200 and "amber" not in reply["choices"][0]["message"]["content"]
+    session.use("amber")
+    with torch.no_grad(), session.active() as model:
+        answer = chat_reply(model, session.tokenizer, [{"role": "user", "content": QUESTION}],
+                            session.system_prompt(), Sampling(greedy=True, max_new_tokens=30))
+    session.use(None)
+    assert answer == ANSWERS["amber"]
+
+
 def test_stop_strings_are_honoured(server):
     status, reply = _post(f"{server}/v1/chat/completions", {"model": "amber", "temperature": 0, "stop": ["amber"], "max_tokens": 30,
                                                            "messages": [{"role": "user", "content": QUESTION}]})

@@ -198,6 +198,8 @@ class Session:
             with self.model.disable_adapter():
                 yield self.model
         else:
+            if self.entries:  # a serving engine leaves the layers as its last pass needed them, maybe off
+                self.model.base_model.enable_adapter_layers()
             yield self.model
 
     def system_prompt(self, name: str | None = None) -> str | None:
