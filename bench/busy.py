@@ -15,7 +15,6 @@ Prints a Markdown table for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from common import cpt_recipe, ensure_model
+from common import cpt_recipe, ensure_model, logged_speed
 
 HOG = "while True: pass"
 TORCH_NEIGHBOUR = ("import torch\nx = torch.randn(512, 512)\nwhile True:\n    for _ in range(50): x = torch.tanh(x @ x)\n")
@@ -53,10 +52,7 @@ def train_once(steps: int, env: dict, nproc: int = 1) -> float:
                           env={**clean, **env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
-    out = recipe.parent / "out" / "metrics.jsonl"
-    metrics = [json.loads(line) for line in out.read_text().splitlines() if '"loss"' in line]
-    first, last = metrics[0], metrics[-1]
-    return (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+    return logged_speed(recipe.parent / "out")[0]
 
 
 def with_neighbour(code: str | None, env_for_neighbour: dict, measure):

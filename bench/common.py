@@ -95,6 +95,13 @@ def run_child(script: str, *args: str) -> dict:
     return json.loads(line[0][7:])
 
 
+def logged_speed(adapter: Path) -> tuple[float, float]:
+    """A finished run's tokens/s between its first and last logged step, and its last logged loss."""
+    metrics = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    first, last = metrics[0], metrics[-1]
+    return (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]), last["loss"]
+
+
 def run_ranks(script: str, nproc: int, *args: str) -> list[dict]:
     """`script --child ARGS` alone, or in `nproc` processes under torchrun (on a CPU each with its share of the
     cores); returns what each process handed to `report`, by rank. Files, not stdout: two ranks' lines interleave."""

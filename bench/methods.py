@@ -22,6 +22,7 @@ from common import (
     device,
     ensure_model,
     flop_params,
+    logged_speed,
     matmul_peak_gflops,
     peak_memory_gib,
 )
@@ -44,10 +45,8 @@ def one(method: str, shape: str, seq: int, steps: int, dtype: str) -> dict:
                                                         f"lr: 1.0e-4, dtype: {dtype}")
     torch.manual_seed(0)
     out = run(load_recipe(recipe_file, METHODS[method]))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[0], metrics[-1]
-    return {"method": method, "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
-            "peak_gib": peak_memory_gib(), "final_loss": last["loss"]}
+    tokens_per_s, final_loss = logged_speed(out)
+    return {"method": method, "tokens_per_s": tokens_per_s, "peak_gib": peak_memory_gib(), "final_loss": final_loss}
 
 
 def main() -> None:

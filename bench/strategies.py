@@ -13,7 +13,6 @@ there), so on a CPU it is left out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from common import (
     cpt_recipe,
     device,
     ensure_model,
+    logged_speed,
     peak_memory_gib,
     report,
     run_ranks,
@@ -37,10 +37,7 @@ def child(recipe: str, overrides: list[str]) -> None:
     out = run(load_recipe(recipe, overrides), RunOptions(overwrite=True))
     result = {"rank": int(os.environ.get("RANK", "0")), "peak_gib": peak_memory_gib()}
     if result["rank"] == 0:
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-        first, last = metrics[0], metrics[-1]
-        result.update(tokens_per_s=(last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
-                      final_loss=last["loss"])
+        result["tokens_per_s"], result["final_loss"] = logged_speed(out)
     report(result)
 
 

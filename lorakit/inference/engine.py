@@ -14,7 +14,6 @@ engine for production traffic.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -158,8 +157,8 @@ class Engine:
         """One forward pass of `batch`; the rows that finished leave it and get their answers."""
         self.stats["passes"] += 1
         try:
-            with torch.no_grad(), self._adapters([row.request.adapter for row in batch.rows]) as extra:
-                batch.step(self.model, extra)
+            with torch.no_grad():
+                batch.step(self.model, self._adapters([row.request.adapter for row in batch.rows]))
         except Exception as exc:  # noqa: BLE001  (each of its requests gets the error, the thread lives on)
             for row in batch.rows:
                 if not row.request.done.done():
@@ -172,23 +171,21 @@ class Engine:
             self.stats["completion_tokens"] += len(row.tokens)
             row.finish()
 
-    @contextlib.contextmanager
-    def _adapters(self, per_row: list[str]):
-        """The forward pass's adapter arguments. Rows that share one adapter run it as the active adapter
-        (or with adapters off): peft's per-row `adapter_names` splits every LoRA layer's input by adapter,
-        which made a lone request 1.8x slower (bench/serve.py, 1 client)."""
+    def _adapters(self, per_row: list[str]) -> dict:
+        """The model set up for the forward pass, and the pass's adapter arguments. Rows that share one adapter run
+        it as the active adapter (or with adapters off): peft's per-row `adapter_names` splits every LoRA layer's
+        input by adapter, which made a lone request 1.8x slower (bench/serve.py, 1 client)."""
         names = set(per_row)
         if not hasattr(self.model, "peft_config"):
-            yield {}
-        elif names == {BASE_ADAPTER}:
+            return {}
+        if names == {BASE_ADAPTER}:
             self._switch(on=False)
-            yield {}
-        elif len(names) == 1:
+            return {}
+        if len(names) == 1:
             self._switch(on=True, active=next(iter(names)))
-            yield {}
-        else:
-            self._switch(on=True)
-            yield {"adapter_names": per_row}
+            return {}
+        self._switch(on=True)
+        return {"adapter_names": per_row}
 
     def _switch(self, on: bool, active: str | None = None) -> None:
         """Adapter layers on or off, and the active adapter, changed only where the model is not so already: peft
